@@ -1,0 +1,3 @@
+"""wildreid: re-identification of individual animals (library)."""
+
+__version__ = "0.1.0"

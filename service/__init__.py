@@ -1,0 +1,1 @@
+"""wildreid service: the FastAPI app and its storage (see the service issue)."""
