@@ -55,7 +55,8 @@ DEFAULTS: dict[str, Any] = {
         "warmup_epochs": 1,
         "grad_accum": 1,
         "amp": True,              # used on GPU only
-        "patience": 5,
+        "patience": 5,            # epochs without improvement before stopping; 0: never stop early
+        "monitor": "mAP",         # validation metric early stopping and best.pt follow
         "min_delta": 0.0,
         "checkpoint_every": 0,    # optimiser steps between mid-epoch checkpoints; 0: epoch end only
         "init_from": None,        # checkpoint whose backbone and neck start the run

@@ -1,0 +1,1 @@
+"""Training: losses, layer-wise LR decay, checkpoints, early stopping, the fold trainer and CV."""

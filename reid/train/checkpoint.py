@@ -1,0 +1,49 @@
+"""Checkpoints: written atomically, read with clear errors, loaded leniently across class counts.
+
+`last.pt` holds everything an exact resume needs (model, loss head, optimiser, scheduler, AMP
+scaler, RNG states, position in the epoch, early stopping). `best.pt` holds what inference needs:
+the model, its config and preprocessing, and the identities of the class head.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from reid.errors import ReidError
+from reid.io import save_torch
+
+save_checkpoint = save_torch
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ReidError(f"checkpoint '{path}' not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise ReidError(f"checkpoint '{path}' is unreadable ({type(exc).__name__}: {exc}); "
+                        "use the run's other checkpoint (best.pt / last.pt) or retrain") from None
+
+
+def load_matching(module: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load every tensor whose name and shape match; return what was skipped, and why.
+
+    A checkpoint trained on another set of identities has an ArcFace head of another size: its
+    backbone and neck still transfer, its class centres cannot.
+    """
+    own = module.state_dict()
+    usable, skipped = {}, []
+    for name, tensor in state.items():
+        if name not in own:
+            skipped.append(f"{name} (not in this model)")
+        elif own[name].shape != tensor.shape:
+            skipped.append(f"{name} (shape {tuple(tensor.shape)} in checkpoint, {tuple(own[name].shape)} here)")
+        else:
+            usable[name] = tensor
+    missing = [name for name in own if name not in usable and name not in state]
+    skipped += [f"{name} (not in checkpoint: left as initialised)" for name in missing]
+    module.load_state_dict(usable, strict=False)
+    return skipped

@@ -1,0 +1,124 @@
+"""K-fold cross-validation: the split, one trainer per fold, a summary and out-of-fold embeddings.
+
+The split is written to `split.csv` before any training and reused on resume, so every fold of a
+run (and every process under torchrun) sees the same assignment.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from reid.data.dataset import ReIDDataset
+from reid.data.splits import fold_summary, make_folds
+from reid.embedding import compute_embeddings
+from reid.errors import ReidError
+from reid.evaluation.metrics import chance_metrics
+from reid.io import atomic_path, write_json, write_text
+from reid.reproducibility import run_record
+from reid.train import distributed
+from reid.train.checkpoint import load_checkpoint
+from reid.train.trainer import FoldTrainer, encounter_groups
+
+REPORTED = ("mAP", "identity_balanced_mAP", "top1")
+
+
+def load_or_make_split(cfg: dict, table: pd.DataFrame, out: Path) -> np.ndarray:
+    """Fold id per table row, from `out/split.csv` when a run already made one."""
+    path = out / "split.csv"
+    if path.exists():
+        saved = pd.read_csv(path)
+        if saved["path"].tolist() != table["path"].tolist():
+            raise ReidError(f"{path} was made for other data; use another --out for this data")
+        return saved["fold"].to_numpy()
+    folds = make_folds(table, cfg["cv"]["folds"], cfg["cv"]["split"], cfg["seed"])
+    if distributed.init().is_main:
+        columns = [c for c in ("path", "identity", "encounter") if c in table.columns]
+        write_text(path, table[columns].assign(fold=folds).to_csv(index=False))
+    return folds
+
+
+def _record_run(cfg: dict, out: Path, data: str, **extra) -> None:
+    if distributed.init().is_main:
+        write_json(out / "run.json", run_record(cfg, data=str(data), split=cfg["cv"]["split"], **extra))
+
+
+def train_fold(cfg: dict, table: pd.DataFrame, data: str, out: str | Path, fold: int = 0,
+               resume: bool = False, progress: bool = True) -> dict:
+    """`reid train`: one fold of the configured split, written straight into `out`."""
+    out = Path(out)
+    folds = load_or_make_split(cfg, table, out)
+    if not 0 <= fold < cfg["cv"]["folds"]:
+        raise ReidError(f"--fold {fold} is outside 0..{cfg['cv']['folds'] - 1}")
+    _record_run(cfg, out, data, fold=fold)
+    trainer = FoldTrainer(cfg, table, np.flatnonzero(folds != fold), np.flatnonzero(folds == fold), out, progress)
+    return trainer.fit(resume=resume)
+
+
+def cross_validate(cfg: dict, table: pd.DataFrame, data: str, out: str | Path, resume: bool = False,
+                   progress: bool = True) -> dict:
+    """`reid cv`: every fold, then `cv_summary.json` and `oof_embeddings.npz`."""
+    out = Path(out)
+    folds = load_or_make_split(cfg, table, out)
+    _record_run(cfg, out, data, folds=cfg["cv"]["folds"])
+    ctx = distributed.init()
+    if ctx.is_main:
+        print(fold_summary(table, folds).to_string())
+    per_fold, oof = [], []
+    for fold in range(cfg["cv"]["folds"]):
+        if ctx.is_main:
+            print(f"--- fold {fold + 1}/{cfg['cv']['folds']} ---")
+        val_idx = np.flatnonzero(folds == fold)
+        trainer = FoldTrainer(cfg, table, np.flatnonzero(folds != fold), val_idx, out / f"fold_{fold}", progress)
+        summary = trainer.fit(resume=resume)
+        if ctx.is_main:
+            per_fold.append({"fold": fold, **summary["best_metrics"], "best_epoch": summary["best_epoch"],
+                             "chance": _chance(cfg, table, folds, fold)})
+            oof.append((val_idx, _best_embeddings(trainer, val_idx)))
+    if not ctx.is_main:
+        return {}
+    summary = summarise(per_fold)
+    write_json(out / "cv_summary.json", summary)
+    _write_oof(out / "oof_embeddings.npz", table, folds, oof)
+    return summary
+
+
+def summarise(per_fold: list[dict]) -> dict:
+    """Per-fold metrics plus their mean and standard deviation (and chance's mean)."""
+    summary = {"folds": per_fold}
+    for key in REPORTED:
+        values = np.array([f[key] for f in per_fold], dtype=float)
+        summary[key] = {"mean": float(values.mean()), "std": float(values.std())}
+        summary[f"chance_{key}"] = float(np.mean([f["chance"][key] for f in per_fold]))
+    return summary
+
+
+def _chance(cfg: dict, table: pd.DataFrame, folds: np.ndarray, fold: int) -> dict:
+    """What random embeddings would score under the very same validation protocol."""
+    val_idx = np.flatnonzero(folds == fold)
+    gallery_idx = np.arange(len(table)) if cfg["cv"]["split"] == "closed" else val_idx
+    ids, groups = table["identity"].to_numpy(), encounter_groups(table)
+    return chance_metrics(ids[val_idx], ids[gallery_idx], query_groups=groups[val_idx],
+                          gallery_groups=groups[gallery_idx], seed=cfg["seed"])
+
+
+def _best_embeddings(trainer: FoldTrainer, rows: np.ndarray) -> np.ndarray:
+    trainer.model.load_state_dict(load_checkpoint(trainer.out / "best.pt")["model"])
+    dataset = ReIDDataset(trainer.table["path"].iloc[rows].tolist(), np.zeros(len(rows), dtype=np.int64),
+                          trainer.eval_transform)
+    return compute_embeddings(trainer.model, dataset, trainer.cfg["eval"]["batch_size"], trainer.ctx.device,
+                              trainer.cfg["data"]["num_workers"], progress=trainer.progress, desc="out-of-fold")
+
+
+def _write_oof(path: Path, table: pd.DataFrame, folds: np.ndarray, oof: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Held-out embeddings of every image, each from the model that never trained on it."""
+    rows = np.concatenate([r for r, _ in oof])
+    order = np.argsort(rows)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, embeddings=np.concatenate([e for _, e in oof])[order],
+                                path=table["path"].to_numpy(str)[rows[order]],
+                                identity=table["identity"].to_numpy(str)[rows[order]],
+                                encounter=encounter_groups(table).astype(str)[rows[order]],
+                                fold=folds[rows[order]])
