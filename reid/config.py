@@ -87,8 +87,21 @@ def _merge(base: dict, update: dict, prefix: str = "") -> dict:
                 raise ConfigError(f"config key '{path}' is a section; give it a mapping, not {value!r}")
             _merge(base[key], value, path + ".")
         else:
-            base[key] = value
+            base[key] = _coerce(path, base[key], value)
     return base
+
+
+def _coerce(path: str, default: Any, value: Any) -> Any:
+    """Give a number key a number: YAML 1.1 reads '1e-3' as a string, and a typo should not pass."""
+    if isinstance(default, bool) or not isinstance(default, (int, float)) or isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value) if isinstance(default, float) else value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{path}' needs a number, got {value!r}") from None
+    return int(number) if isinstance(default, int) and number.is_integer() else number
 
 
 def resolve_config_path(name: str | Path) -> Path:

@@ -36,3 +36,9 @@ def test_section_needs_a_mapping(tmp_path):
     bad.write_text("train: 3\n")
     with pytest.raises(ConfigError, match="bad.yaml.*section"):
         load_config(bad)
+
+
+def test_numbers_are_checked():
+    assert load_config(None, ["train.lr=5e-4"])["train"]["lr"] == pytest.approx(5e-4)
+    with pytest.raises(ConfigError, match="needs a number"):
+        load_config(None, ["train.epochs=many"])
