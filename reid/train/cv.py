@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from reid.data.dataset import ReIDDataset
-from reid.data.splits import fold_summary, make_folds
+from reid.data.splits import encounter_ids, fold_summary, make_folds
 from reid.embedding import compute_embeddings
 from reid.errors import ReidError
 from reid.evaluation.metrics import chance_metrics
@@ -19,7 +19,7 @@ from reid.io import atomic_path, write_json, write_text
 from reid.reproducibility import run_record
 from reid.train import distributed
 from reid.train.checkpoint import load_checkpoint
-from reid.train.trainer import FoldTrainer, encounter_groups
+from reid.train.trainer import FoldTrainer
 
 REPORTED = ("mAP", "identity_balanced_mAP", "top1")
 
@@ -98,7 +98,7 @@ def _chance(cfg: dict, table: pd.DataFrame, folds: np.ndarray, fold: int) -> dic
     """What random embeddings would score under the very same validation protocol."""
     val_idx = np.flatnonzero(folds == fold)
     gallery_idx = np.arange(len(table)) if cfg["cv"]["split"] == "closed" else val_idx
-    ids, groups = table["identity"].to_numpy(), encounter_groups(table)
+    ids, groups = table["identity"].to_numpy(), encounter_ids(table)
     return chance_metrics(ids[val_idx], ids[gallery_idx], query_groups=groups[val_idx],
                           gallery_groups=groups[gallery_idx], seed=cfg["seed"])
 
@@ -120,5 +120,5 @@ def _write_oof(path: Path, table: pd.DataFrame, folds: np.ndarray, oof: list[tup
             np.savez_compressed(handle, embeddings=np.concatenate([e for _, e in oof])[order],
                                 path=table["path"].to_numpy(str)[rows[order]],
                                 identity=table["identity"].to_numpy(str)[rows[order]],
-                                encounter=encounter_groups(table).astype(str)[rows[order]],
+                                encounter=encounter_ids(table).astype(str)[rows[order]],
                                 fold=folds[rows[order]])

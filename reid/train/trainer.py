@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from reid.data.dataset import ReIDDataset
 from reid.data.samplers import PKSampler
+from reid.data.splits import encounter_ids
 from reid.data.transforms import build_transforms, use_hflip
 from reid.embedding import compute_embeddings
 from reid.errors import ConfigError, ReidError
@@ -36,16 +37,6 @@ from reid.train.losses import ReIDLoss, TrainStep
 from reid.train.optim import build_optimizer, build_scheduler, param_groups
 
 CHECKPOINT_KIND = "wildreid-reid"
-
-
-def encounter_groups(table: pd.DataFrame) -> np.ndarray:
-    """The encounter of each row; a row without one is its own encounter."""
-    own = np.array([f"__row{i}" for i in range(len(table))], dtype=object)
-    if "encounter" not in table.columns:
-        return own
-    enc = table["encounter"].astype(object).to_numpy()
-    missing = pd.isna(enc) | (enc == "")
-    return np.where(missing, own, enc)
 
 
 class _EpochBatches:
@@ -248,7 +239,7 @@ class FoldTrainer:
                               self.eval_transform)
         emb = compute_embeddings(self.model, dataset, self.cfg["eval"]["batch_size"], self.ctx.device,
                                  self.cfg["data"]["num_workers"], progress=self.progress, desc="validating")
-        ids, groups = self.table["identity"].to_numpy(), encounter_groups(self.table)
+        ids, groups = self.table["identity"].to_numpy(), encounter_ids(self.table)
         q, g = np.searchsorted(rows, self.val_idx), np.searchsorted(rows, gallery_idx)
         return retrieval_metrics(emb[q], ids[self.val_idx], emb[g], ids[gallery_idx],
                                  query_groups=groups[self.val_idx], gallery_groups=groups[gallery_idx])
