@@ -95,6 +95,7 @@ class FoldTrainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.stopper = EarlyStopping(tcfg["patience"], tcfg["min_delta"])
         self.epoch, self.batch, self.step, self.history = 0, 0, 0, []
+        self.loss_sum = 0.0  # this epoch's so far: a mid-epoch resume reports the same epoch loss
 
     # ------------------------------------------------------------------ state
     def log(self, message: str) -> None:
@@ -119,6 +120,7 @@ class FoldTrainer:
             "batch": self.batch,
             "step": self.step,
             "history": self.history,
+            "loss_sum": self.loss_sum,
             "world_size": self.ctx.world_size,
             **self.inference_state(),
         }
@@ -151,6 +153,7 @@ class FoldTrainer:
         self.scaler.load_state_dict(state["scaler"])
         self.stopper.load_state_dict(state["early_stopping"])
         self.epoch, self.batch, self.step, self.history = state["epoch"], state["batch"], state["step"], state["history"]
+        self.loss_sum = state["loss_sum"]
         set_rng_state(state["rng"][self.ctx.rank])
         self.log(f"resumed {self.last_path} at epoch {self.epoch + 1}, batch {self.batch}")
 
@@ -180,6 +183,9 @@ class FoldTrainer:
         loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=nw, persistent_workers=nw > 0,
                             pin_memory=self.ctx.device.type == "cuda", generator=torch.Generator())
         epochs = self.cfg["train"]["epochs"]
+        if epochs == 0 and not self.history:  # score the backbone as it is, untrained
+            self._record_epoch({}, distributed.broadcast(self.validate() if self.ctx.is_main else None, self.ctx))
+            self.save_last()
         while self.epoch < epochs and not self.stopper.should_stop:
             batches.batches = self.sampler.for_epoch(self.epoch, start_batch=self.batch, rank=self.ctx.rank,
                                                      world_size=self.ctx.world_size)
@@ -200,7 +206,7 @@ class FoldTrainer:
         device, every = self.ctx.device, self.cfg["train"]["checkpoint_every"]
         bar = tqdm(total=self.batches_per_epoch, initial=self.batch, disable=not self.progress, leave=False,
                    desc=f"epoch {self.epoch + 1}/{self.cfg['train']['epochs']}", unit="batch")
-        loss_sum, n, started = 0.0, 0, time.perf_counter()
+        resumed_at, started = self.batch, time.perf_counter()
         for images, labels, _index in loader:
             boundary = (self.batch + 1) % self.accum == 0 or self.batch + 1 == self.batches_per_epoch
             sync = boundary or not isinstance(net, DistributedDataParallel)
@@ -209,9 +215,9 @@ class FoldTrainer:
                     loss, parts = net(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
                 self.scaler.scale(loss / self.accum).backward()
             self.batch += 1
-            loss_sum, n = loss_sum + loss.item(), n + 1
+            self.loss_sum += loss.item()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / n:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()})
+            bar.set_postfix(loss=f"{self.loss_sum / self.batch:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()})
             if boundary:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -222,7 +228,8 @@ class FoldTrainer:
                     self.save_last()
         bar.close()
         seconds = time.perf_counter() - started
-        return {"loss": loss_sum / max(n, 1), "seconds": round(seconds, 3),
+        n = self.batch - resumed_at
+        return {"loss": self.loss_sum / max(self.batch, 1), "seconds": round(seconds, 3),
                 "images_per_s": round(n * self.images_per_batch * self.ctx.world_size / max(seconds, 1e-9), 2),
                 "lr_head": self.optimizer.param_groups[-1]["lr"]}
 
@@ -244,17 +251,21 @@ class FoldTrainer:
         return retrieval_metrics(emb[q], ids[self.val_idx], emb[g], ids[gallery_idx],
                                  query_groups=groups[self.val_idx], gallery_groups=groups[gallery_idx])
 
-    def _end_epoch(self, train_stats: dict, metrics: dict) -> None:
-        score = metrics[self.cfg["train"]["monitor"]]
-        improved = self.stopper.update(score, self.epoch)
+    def _record_epoch(self, train_stats: dict, metrics: dict) -> None:
+        """Log the epoch, update early stopping, keep best.pt when it is the best so far."""
+        improved = self.stopper.update(metrics[self.cfg["train"]["monitor"]], self.epoch)
         self.history.append({"epoch": self.epoch, **{f"train_{k}": v for k, v in train_stats.items()},
                              "val": metrics, "best": improved})
-        self.log(f"epoch {self.epoch + 1}: loss {train_stats['loss']:.3f}  val mAP {metrics['mAP']:.3f}  "
-                 f"top1 {metrics['top1']:.3f}  ({train_stats['images_per_s']:.0f} img/s)"
+        trained = f"loss {train_stats['loss']:.3f}  " if train_stats else "untrained: "
+        speed = f"  ({train_stats['images_per_s']:.0f} img/s)" if train_stats else ""
+        self.log(f"epoch {self.epoch + 1}: {trained}val mAP {metrics['mAP']:.3f}  top1 {metrics['top1']:.3f}{speed}"
                  + ("  *best*" if improved else f"  patience left {self.stopper.patience_left}"))
         if improved and self.ctx.is_main:
             save_checkpoint(self.out / "best.pt", {"kind": CHECKPOINT_KIND, "model": self.model.state_dict(),
                                                    "loss": self.loss.state_dict(), "epoch": self.epoch,
                                                    "metrics": metrics, **self.inference_state()})
-        self.epoch, self.batch = self.epoch + 1, 0
+
+    def _end_epoch(self, train_stats: dict, metrics: dict) -> None:
+        self._record_epoch(train_stats, metrics)
+        self.epoch, self.batch, self.loss_sum = self.epoch + 1, 0, 0.0
         self.save_last()
