@@ -19,7 +19,7 @@ def compute_embeddings(model: torch.nn.Module, dataset: Dataset, batch_size: int
     chunks = []
     for images, _labels, _index in tqdm(loader, desc=desc, disable=not progress, leave=False):
         with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
-            chunks.append(model(images.to(device, non_blocking=True)).float().cpu())
+            chunks.append(model(images.to(device, non_blocking=True, memory_format=torch.channels_last)).float().cpu())
     model.train(was_training)
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)

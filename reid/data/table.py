@@ -98,7 +98,7 @@ def _check_files(table: pd.DataFrame, source: Path) -> None:
 def _check_decodes(table: pd.DataFrame, source: Path) -> None:
     bad = []
     for i, path in enumerate(tqdm(table["path"], desc="checking images", unit="img", leave=False,
-                                  disable=len(table) < 500)):
+                                  disable=True if len(table) < 500 else None)):
         try:
             with Image.open(path) as image:
                 image.load()
