@@ -17,7 +17,7 @@ def compute_embeddings(model: torch.nn.Module, dataset: Dataset, batch_size: int
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda", generator=torch.Generator())
     chunks = []
-    for images, _labels, _index in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for images, _labels, _index in tqdm(loader, desc=desc, disable=None if progress else True, leave=False):
         with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
             chunks.append(model(images.to(device, non_blocking=True, memory_format=torch.channels_last)).float().cpu())
     model.train(was_training)

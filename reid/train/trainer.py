@@ -205,7 +205,7 @@ class FoldTrainer:
     def _train_epoch(self, net: torch.nn.Module, loader: DataLoader) -> dict:
         self.model.train()
         device, every = self.ctx.device, self.cfg["train"]["checkpoint_every"]
-        bar = tqdm(total=self.batches_per_epoch, initial=self.batch, disable=not self.progress, leave=False,
+        bar = tqdm(total=self.batches_per_epoch, initial=self.batch, disable=None if self.progress else True, leave=False,
                    desc=f"epoch {self.epoch + 1}/{self.cfg['train']['epochs']}", unit="batch")
         resumed_at, started = self.batch, time.perf_counter()
         for images, labels, _index in loader:
