@@ -3,8 +3,9 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
-from reid.data.dataset import ReIDDataset
+from reid.data.dataset import ReIDDataset, read_image
 from reid.data.transforms import build_transforms, use_hflip
 from reid.errors import ConfigError, DataError
 
@@ -33,10 +34,36 @@ def test_seeded_items_ignore_global_rng(dataset):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_cache_gives_the_same_images(dataset):
-    cached = ReIDDataset(dataset.paths, dataset.labels, dataset.transform, cache_images=True, cache_size=48)
+def test_seeded_items_ignore_what_was_loaded_before(dataset):
+    a = dataset[(2, 77)][0]
+    for item in [(0, 1), 1, (2, 5)]:
+        dataset[item]
+    assert torch.equal(a, dataset[(2, 77)][0])
+
+
+def test_worker_processes_give_the_same_batches(dataset):
+    batches = [[(0, 11), (1, 12)], [(2, 13), (0, 14)]]
+
+    def load(workers):
+        return [images for images, _, _ in DataLoader(dataset, batch_sampler=batches, num_workers=workers)]
+
+    for inline, parallel in zip(load(0), load(2)):
+        assert torch.equal(inline, parallel)
+
+
+def test_cache_keeps_shrunk_images(dataset):
+    cached = ReIDDataset(dataset.paths, dataset.labels, dataset.transform, cache_images=True, cache_size=35)
     first, _, _ = cached[(0, 7)]
     assert torch.equal(first, cached[(0, 7)][0]) and len(cached.cache) == 1
+    assert cached.cache[0].shape == (20, 35, 3) and cached.cache[0].dtype == np.uint8
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.fromarray(np.zeros((10, 30, 3), np.uint8))
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    image.save(tmp_path / "turned.jpg", exif=exif)
+    assert read_image(str(tmp_path / "turned.jpg")).shape == (30, 10, 3)
 
 
 def test_unreadable_image_names_the_file(tmp_path):
@@ -50,8 +77,22 @@ def test_unreadable_image_names_the_file(tmp_path):
 def test_hflip_auto_rule():
     flanks = pd.DataFrame({"viewpoint": ["left", "right"]})
     assert use_hflip("auto", flanks)[0] is False
-    assert use_hflip("auto", pd.DataFrame({"viewpoint": ["left", "left"]}))[0] is True
+    assert use_hflip("auto", pd.DataFrame({"viewpoint": ["left", "left", ""]}))[0] is True
     assert use_hflip("auto", pd.DataFrame({"path": ["a"]}))[0] is True
-    assert use_hflip(True, flanks)[0] is True
+    assert use_hflip(True, flanks)[0] is True and use_hflip(False, pd.DataFrame())[0] is False
+    assert "flank" in use_hflip("auto", flanks)[1]
     with pytest.raises(ConfigError):
         use_hflip("sometimes", flanks)
+
+
+def test_eval_transform_letterboxes_to_a_square():
+    transform = build_transforms(32, (0.0,) * 3, (1.0,) * 3, train=False, hflip=False)
+    image = transform(image=np.full((20, 80, 3), 255, np.uint8))["image"]
+    assert image.shape == (3, 32, 32)
+    assert torch.allclose(image[:, 16], torch.ones(3, 32)) and torch.all(image[:, 0] == 0)  # padded top
+
+
+def test_hflip_only_when_asked():
+    def steps(hflip):
+        return [type(t).__name__ for t in build_transforms(32, (0,) * 3, (1,) * 3, train=True, hflip=hflip)]
+    assert "HorizontalFlip" in steps(True) and "HorizontalFlip" not in steps(False)

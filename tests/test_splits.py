@@ -40,6 +40,13 @@ def test_disjoint_keeps_each_identity_in_one_fold_and_closed_spreads_them():
     assert (spread > 1).mean() > 0.5
 
 
+def test_same_seed_same_folds_other_seed_other_folds():
+    table = _table()
+    for kind in ("closed", "disjoint"):
+        assert np.array_equal(make_folds(table, 4, kind, 1), make_folds(table, 4, kind, 1))
+        assert not np.array_equal(make_folds(table, 4, kind, 1), make_folds(table, 4, kind, 2))
+
+
 def test_nyala_split_has_no_leak(nyala_csv):
     from reid.data.table import load_table
 
@@ -47,13 +54,25 @@ def test_nyala_split_has_no_leak(nyala_csv):
     for kind in ("closed", "disjoint"):
         folds = make_folds(table, 5, kind, seed=42)
         _assert_no_encounter_leak(table, folds)
-        assert fold_summary(table, folds)["images"].sum() == len(table)
+        summary = fold_summary(table, folds)
+        assert list(summary.columns) == ["images", "identities", "encounters"] and len(summary) == 5
+        assert summary["images"].sum() == len(table) and summary["encounters"].sum() == table["encounter"].nunique()
+    disjoint = make_folds(table, 5, "disjoint", seed=42)
+    assert (pd.Series(disjoint).groupby(table["identity"].to_numpy()).nunique() == 1).all()
 
 
-def test_without_encounters_each_image_stands_alone():
+@pytest.mark.parametrize("kind", ["closed", "disjoint"])
+def test_without_encounters_each_image_stands_alone(kind):
     table = _table().drop(columns="encounter")
-    folds = make_folds(table, 3, "closed", 0)
+    folds = make_folds(table, 3, kind, 0)
     assert len(np.unique(folds)) == 3
+    assert fold_summary(table, folds)["encounters"].sum() == len(table)
+
+
+def test_empty_encounter_cells_stand_alone():
+    table = _table()
+    table.loc[:5, "encounter"] = ""
+    assert fold_summary(table, make_folds(table, 3, "closed", 0))["encounters"].sum() == table["encounter"].nunique() + 5
 
 
 def test_errors():
@@ -65,3 +84,7 @@ def test_errors():
     # id0 and id1 share a group photo, so they count as one unit: 29 to split
     with pytest.raises(DataError, match="only 29 individuals"):
         make_folds(table, 40, "disjoint", 0)
+    with pytest.raises(DataError, match="only 3 encounters"):
+        make_folds(table.head(3).assign(encounter=["a", "b", "c"]), 4, "closed", 0)
+    with pytest.raises(DataError, match="no images"):
+        make_folds(table.head(0), 2, "closed", 0)

@@ -7,55 +7,75 @@ from __future__ import annotations
 
 import numpy as np
 
-from reid.errors import DataError
+from reid.errors import ConfigError, DataError
+
+Batch = list[tuple[int, int]]  # (dataset index, augmentation seed) per image
 
 
 class PKSampler:
-    """Identities with fewer than K images are repeated (each repeat augmented differently);
-    identities with a single image still train the ArcFace head but give triplets no positive."""
+    """Batches of `p` distinct identities x `k` images, as `(dataset index, augmentation seed)`.
+
+    An identity with fewer than K images repeats them, each repeat with its own augmentation seed.
+    Identities with a single image are allowed: they still train a classification (ArcFace) head,
+    but give the triplet loss no positive pair.
+    """
 
     def __init__(self, labels: np.ndarray, p: int, k: int, seed: int, batches_per_epoch: int | None = None):
-        labels = np.asarray(labels)
-        self.identities = np.unique(labels)
         if p < 1 or k < 1:
-            raise DataError(f"sampler.p and sampler.k must be at least 1 (got p={p}, k={k})")
-        if len(self.identities) < p:
-            raise DataError(f"the training data has {len(self.identities)} identities but sampler.p={p}; "
-                            f"lower sampler.p to at most {len(self.identities)}")
-        self.members = [np.flatnonzero(labels == identity) for identity in self.identities]
+            raise ConfigError(f"sampler.p and sampler.k must be at least 1 (got p={p}, k={k})")
+        if batches_per_epoch is not None and batches_per_epoch < 1:
+            raise ConfigError(f"sampler.batches_per_epoch must be at least 1 (got {batches_per_epoch})")
+        identities, inverse = np.unique(np.asarray(labels), return_inverse=True)
+        if len(identities) < p:
+            raise DataError(f"the training data has {len(identities)} identities but a batch needs sampler.p={p}; "
+                            f"lower sampler.p to at most {len(identities)}")
+        # dataset indices of each identity, in one sort rather than one scan per identity
+        by_identity = np.argsort(inverse, kind="stable")
+        self.members = np.split(by_identity, np.cumsum(np.bincount(inverse))[:-1])
         self.p, self.k, self.seed = p, k, seed
         self.batches_per_epoch = batches_per_epoch or max(1, len(labels) // (p * k))
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
-        """The epoch's batches of (dataset index, augmentation seed)."""
+    def epoch_batches(self, epoch: int) -> list[Batch]:
+        """All batches of the epoch; each identity's K images sit together in the batch."""
         rng = np.random.default_rng([self.seed, epoch])
-        order = self._identity_stream(rng, self.batches_per_epoch * self.p)
-        seeds = rng.integers(0, 2**32, size=(self.batches_per_epoch, self.p * self.k), dtype=np.uint64)
-        batches = []
-        for b in range(self.batches_per_epoch):
-            indices = np.concatenate([self._pick(rng, identity) for identity in order[b * self.p:(b + 1) * self.p]])
-            batches.append([(int(i), int(s)) for i, s in zip(indices, seeds[b])])
-        return batches
+        identities = self._identity_stream(rng, self.batches_per_epoch * self.p)
+        indices = np.concatenate([self._pick(rng, identity) for identity in identities])
+        # distinct, so that repeats of one image never share an augmentation
+        seeds = rng.choice(2**32, size=len(indices), replace=False)
+        pairs = [(int(i), int(s)) for i, s in zip(indices, seeds)]
+        size = self.p * self.k
+        return [pairs[start:start + size] for start in range(0, len(pairs), size)]
 
-    def for_epoch(self, epoch: int, start_batch: int = 0, rank: int = 0, world_size: int = 1) -> list[list[tuple[int, int]]]:
-        """This process's batches of the epoch (dealt round-robin), from its `start_batch`-th on."""
-        return self.epoch_batches(epoch)[rank::world_size][start_batch:]
+    def for_epoch(self, epoch: int, start_batch: int = 0, rank: int = 0, world_size: int = 1) -> list[Batch]:
+        """This process's batches of the epoch, usable as a DataLoader `batch_sampler`.
 
-    def _identity_stream(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        Batches are dealt round-robin (`batches[rank::world_size]`); when they do not divide evenly,
+        the first ones are dealt again, so that every rank runs the same number of steps (a
+        distributed step waits for all ranks). `start_batch` counts this rank's own steps: the
+        result is the rank's list from its `start_batch`-th batch on.
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        batches = self.epoch_batches(epoch)
+        dealt = -(-len(batches) // world_size) * world_size
+        batches = [batches[i % len(batches)] for i in range(dealt)]
+        return batches[rank::world_size][start_batch:]
+
+    def _identity_stream(self, rng: np.random.Generator, count: int) -> list[int]:
         """Shuffled passes over all identities, so each appears about equally often; no identity
         twice in one batch."""
         stream: list[int] = []
         while len(stream) < count:
-            for identity in rng.permutation(len(self.identities)):
-                # a batch must not hold one identity twice: skip it; the next pass brings it again
+            for identity in rng.permutation(len(self.members)):
+                # at a pass boundary the batch may already hold it: skip, the next pass brings it again
                 batch_start = len(stream) - len(stream) % self.p
                 if identity not in stream[batch_start:]:
                     stream.append(int(identity))
-        return np.array(stream[:count])
+        return stream[:count]
 
     def _pick(self, rng: np.random.Generator, identity: int) -> np.ndarray:
-        members = self.members[identity]
-        return rng.choice(members, size=self.k, replace=len(members) < self.k)
+        """K of the identity's images; with fewer than K, each image as often as the others (+-1)."""
+        return np.resize(rng.permutation(self.members[identity]), self.k)

@@ -43,12 +43,15 @@ def make_folds(table: pd.DataFrame, n_folds: int, kind: str, seed: int) -> np.nd
 
     `closed`: each individual's encounters are spread over folds (stratified by identity); an
     individual with fewer encounters than folds is validated in only some folds. `disjoint`:
-    individuals are split over folds, measuring recognition of animals never trained on.
+    individuals are split over folds, measuring recognition of animals never trained on; those
+    sharing an encounter (a group photo) share a fold. Either way an encounter lies in one fold.
     """
     if kind not in KINDS:
         raise DataError(f"unknown split '{kind}'; use 'closed' or 'disjoint'")
     if n_folds < 2:
         raise DataError(f"{n_folds} folds: cross-validation needs at least 2")
+    if table.empty:
+        raise DataError("the table has no images to split into folds")
     if kind == "closed":
         groups = pd.factorize(encounter_ids(table))[0]
         splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
@@ -59,19 +62,19 @@ def make_folds(table: pd.DataFrame, n_folds: int, kind: str, seed: int) -> np.nd
         labels = None
     n_groups = len(np.unique(groups))
     if n_groups < n_folds:
-        unit = "encounters" if kind == "closed" else "individuals"
+        unit = "encounters" if kind == "closed" else "individuals (those photographed together count as one)"
         raise DataError(f"{n_folds} folds but only {n_groups} {unit} to split; use at most {n_groups} folds")
     folds = np.empty(len(table), dtype=np.int64)
     with warnings.catch_warnings():
         # expected: many individuals have fewer encounters than there are folds
-        warnings.filterwarnings("ignore", message="The least populated class")
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         for fold, (_, val) in enumerate(splitter.split(np.zeros(len(table)), labels, groups)):
             folds[val] = fold
     return folds
 
 
 def fold_summary(table: pd.DataFrame, folds: np.ndarray) -> pd.DataFrame:
-    """Images, individuals and encounters per fold, for the log."""
+    """Images, identities and encounters per fold, for the log."""
     frame = pd.DataFrame({"fold": folds, "identity": table["identity"].to_numpy(), "encounter": encounter_ids(table)})
-    return frame.groupby("fold").agg(images=("identity", "size"), individuals=("identity", "nunique"),
+    return frame.groupby("fold").agg(images=("identity", "size"), identities=("identity", "nunique"),
                                      encounters=("encounter", "nunique"))

@@ -16,16 +16,18 @@ from reid.errors import ConfigError
 
 
 def _letterbox(size: int) -> list:
-    return [A.LongestMaxSize(max_size=size),
+    # area interpolation when shrinking: plain bilinear aliases thin stripes and small spots away
+    return [A.LongestMaxSize(max_size=size, area_for_downscale="image"),
             A.PadIfNeeded(min_height=size, min_width=size, border_mode=cv2.BORDER_CONSTANT, fill=0)]
 
 
 def build_transforms(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
                      hflip: bool) -> A.Compose:
+    """Square `image_size` tensors, normalised; `train` adds augmentation, `hflip` mirror images."""
     steps = _letterbox(image_size)
     if train:
         steps += [
-            A.Affine(scale=(0.85, 1.1), translate_percent=(-0.06, 0.06), rotate=(-10, 10),
+            A.Affine(scale=(0.85, 1.1), keep_ratio=True, translate_percent=(-0.06, 0.06), rotate=(-10, 10),
                      border_mode=cv2.BORDER_CONSTANT, fill=0, p=0.8),
             A.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.2, hue=0.03, p=0.8),
             A.GaussianBlur(blur_limit=(3, 5), p=0.1),
@@ -44,7 +46,15 @@ def use_hflip(setting: str | bool, table: pd.DataFrame) -> tuple[bool, str]:
         return setting, f"data.hflip is {str(setting).lower()}"
     if setting != "auto":
         raise ConfigError(f"data.hflip is {setting!r}; use auto, true or false")
-    if "viewpoint" in table.columns and table["viewpoint"].nunique() > 1:
+    if _viewpoints(table) > 1:
         return False, ("the viewpoint column tells flanks apart and a flipped left flank is a fake right flank "
                        "(data.hflip: auto; set true to force)")
     return True, "no viewpoint column distinguishes flanks (data.hflip: auto)"
+
+
+def _viewpoints(table: pd.DataFrame) -> int:
+    """How many distinct viewpoints the table names (empty cells name none)."""
+    if "viewpoint" not in table.columns:
+        return 0
+    named = table["viewpoint"].dropna()
+    return named[named.astype(str).str.strip() != ""].nunique()
