@@ -38,7 +38,7 @@ def main() -> None:
     table = load_table(args.data, check_images=True)
     results = {}
     for name in args.variants:
-        cfg = load_config("nyala-mobilenet", [*VARIANTS[name], *args.overrides])
+        cfg = load_config("nyala-mobilenet", [*args.overrides, *VARIANTS[name]])  # the variant has the last word
         out = Path(args.out) / name
         summary = cross_validate(cfg, table, args.data, out, resume=(out / "split.csv").exists(), progress=False)
         results[name] = {key: summary[key] for key in ("mAP", "identity_balanced_mAP", "top1")}

@@ -261,7 +261,7 @@ class FoldTrainer:
         trained = f"loss {train_stats['loss']:.3f}  " if train_stats else "untrained: "
         speed = f"  ({train_stats['images_per_s']:.0f} img/s)" if train_stats else ""
         self.log(f"epoch {self.epoch + 1}: {trained}val mAP {metrics['mAP']:.3f}  top1 {metrics['top1']:.3f}{speed}"
-                 + ("  *best*" if improved else f"  patience left {self.stopper.patience_left}"))
+                 + ("  *best*" if improved else f"  patience left {self.stopper.patience_left}" if self.stopper.patience else ""))
         if improved and self.ctx.is_main:
             save_checkpoint(self.out / "best.pt", {"kind": CHECKPOINT_KIND, "model": self.model.state_dict(),
                                                    "loss": self.loss.state_dict(), "epoch": self.epoch,
