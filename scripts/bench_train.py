@@ -34,12 +34,12 @@ from reid.train.trainer import FoldTrainer  # noqa: E402
 
 
 def bare_images_per_s(cfg: dict, num_classes: int, steps: int, device: torch.device) -> float:
-    model = build_model(cfg).to(device).train()
+    model = build_model(cfg).to(device, memory_format=torch.channels_last).train()  # as the trainer runs it
     loss = ReIDLoss(num_classes, cfg["model"]["embedding_dim"], cfg["loss"]).to(device)
     step = TrainStep(model, loss)
     optimizer = build_optimizer(param_groups(model.backbone, [model.pool, model.neck, loss], cfg["train"]))
     p, k, size = cfg["sampler"]["p"], cfg["sampler"]["k"], cfg["data"]["image_size"]
-    images = torch.randn(p * k, 3, size, size, device=device)
+    images = torch.randn(p * k, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     labels = torch.arange(p, device=device).repeat_interleave(k)
 
     def one_step() -> None:
