@@ -5,9 +5,10 @@ colour alone does not identify) and a pattern of spots or stripes, drawn anew fo
 mirrored left flank is not the right one). The pattern lives in body coordinates, on torso and
 neck. A photo draws the body in a random gait, warps body and coat together into the scene (facing
 left for a left-flank view, rotation, scale, position), composites it over the encounter's
-cluttered background, hides at most a quarter of it behind grass, branches or posts, applies the
-encounter's lighting and sometimes blur, and adds sensor noise. Photos of one encounter share
-background and lighting, as a camera-trap burst does; the animal, occluders and noise change.
+cluttered background (one of a few camera sites shared by all individuals), hides at most a
+quarter of it behind grass, branches or posts, applies the encounter's lighting and sometimes blur,
+and adds sensor noise. Photos of one encounter share background and lighting, as a camera-trap
+burst does; the animal, occluders and noise change.
 """
 from __future__ import annotations
 
