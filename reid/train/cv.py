@@ -10,9 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reid.data.dataset import ReIDDataset
 from reid.data.splits import encounter_ids, fold_summary, make_folds
-from reid.embedding import compute_embeddings
 from reid.errors import ReidError
 from reid.evaluation.metrics import chance_metrics
 from reid.io import atomic_path, write_json, write_text
@@ -105,10 +103,7 @@ def _chance(cfg: dict, table: pd.DataFrame, folds: np.ndarray, fold: int) -> dic
 
 def _best_embeddings(trainer: FoldTrainer, rows: np.ndarray) -> np.ndarray:
     trainer.model.load_state_dict(load_checkpoint(trainer.out / "best.pt")["model"])
-    dataset = ReIDDataset(trainer.table["path"].iloc[rows].tolist(), np.zeros(len(rows), dtype=np.int64),
-                          trainer.eval_transform)
-    return compute_embeddings(trainer.model, dataset, trainer.cfg["eval"]["batch_size"], trainer.ctx.device,
-                              trainer.cfg["data"]["num_workers"], progress=trainer.progress, desc="out-of-fold")
+    return trainer.embed(rows, desc="out-of-fold")
 
 
 def _write_oof(path: Path, table: pd.DataFrame, folds: np.ndarray, oof: list[tuple[np.ndarray, np.ndarray]]) -> None:

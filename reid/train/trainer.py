@@ -235,6 +235,13 @@ class FoldTrainer:
                 "images_per_s": round(n * self.images_per_batch * self.ctx.world_size / max(seconds, 1e-9), 2),
                 "lr_head": self.optimizer.param_groups[-1]["lr"]}
 
+    def embed(self, rows: np.ndarray, desc: str) -> np.ndarray:
+        """Embeddings of the table's `rows` with the current weights and the eval transform."""
+        dataset = ReIDDataset(self.table["path"].iloc[rows].tolist(), np.zeros(len(rows), dtype=np.int64),
+                              self.eval_transform)
+        return compute_embeddings(self.model, dataset, self.cfg["eval"]["batch_size"], self.ctx.device,
+                                  self.cfg["data"]["num_workers"], progress=self.progress, desc=desc)
+
     def validate(self) -> dict:
         """Retrieval metrics of the held-out images; a query never scores its own encounter.
 
@@ -244,10 +251,7 @@ class FoldTrainer:
         closed = self.cfg["cv"]["split"] == "closed"
         gallery_idx = np.concatenate([self.train_idx, self.val_idx]) if closed else self.val_idx
         rows = np.unique(np.concatenate([self.val_idx, gallery_idx]))
-        dataset = ReIDDataset(self.table["path"].iloc[rows].tolist(), np.zeros(len(rows), dtype=np.int64),
-                              self.eval_transform)
-        emb = compute_embeddings(self.model, dataset, self.cfg["eval"]["batch_size"], self.ctx.device,
-                                 self.cfg["data"]["num_workers"], progress=self.progress, desc="validating")
+        emb = self.embed(rows, desc="validating")
         ids, groups = self.table["identity"].to_numpy(), encounter_ids(self.table)
         q, g = np.searchsorted(rows, self.val_idx), np.searchsorted(rows, gallery_idx)
         return retrieval_metrics(emb[q], ids[self.val_idx], emb[g], ids[gallery_idx],
