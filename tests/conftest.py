@@ -34,3 +34,25 @@ def nyala_csv() -> Path:
     if not csv.exists():
         pytest.skip("../shared/data/nyala-dev is not present")
     return csv
+
+
+def write_checkpoint(path: Path, *overrides: str, seed: int = 0) -> Path:
+    """An inference checkpoint (what `best.pt` holds) of a random-init tiny model."""
+    import torch
+
+    from reid.model.build import build_model, preprocessing
+
+    cfg = tiny_config(*overrides)
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    mean, std = preprocessing(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"kind": "reid-checkpoint", "model": model.state_dict(), "config": cfg, "identities": [],
+                "preprocessing": {"image_size": cfg["data"]["image_size"], "mean": list(mean), "std": list(std)}},
+               path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt")

@@ -1,0 +1,92 @@
+"""A trained model ready to embed photos: weights, preprocessing and TTA from one checkpoint.
+
+Its `fingerprint` names exactly what produces the vectors (weights, preprocessing, TTA), so a
+cache never mixes vectors of two models.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from reid.data.dataset import ReIDDataset
+from reid.data.transforms import build_transforms
+from reid.embedding.compute import compute_embeddings, embed_batch
+from reid.embedding.tta import check_tta
+from reid.errors import ReidError
+from reid.model.build import ReIDModel, build_model
+from reid.train.checkpoint import load_checkpoint
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """A hash of the tensors themselves: metadata added to the checkpoint file later does not change it."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Embedder:
+    def __init__(self, model: ReIDModel, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 tta: str = "none", batch_size: int = 64, num_workers: int = 0,
+                 device: torch.device | None = None, weights_hash: str | None = None):
+        self.device = device or default_device()
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
+        self.image_size, self.mean, self.std = int(image_size), tuple(mean), tuple(std)
+        self.tta = check_tta(tta)
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.transform = build_transforms(self.image_size, self.mean, self.std, train=False, hflip=False)
+        self.weights_hash = weights_hash or weights_fingerprint(model.state_dict())
+        self.embedding_dim = int(model.neck[1].out_features)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, tta: str = "none", batch_size: int | None = None,
+                        num_workers: int | None = None, device: torch.device | None = None) -> "Embedder":
+        """The model of a training checkpoint (best.pt or last.pt), built offline from its config."""
+        state = load_checkpoint(path)
+        if "model" not in state or "config" not in state or "preprocessing" not in state:
+            raise ReidError(f"'{path}' is not a reid training checkpoint (it lacks model, config or preprocessing); "
+                            "use the best.pt of a `reid train` or `reid cv` run")
+        cfg = copy.deepcopy(state["config"])
+        # the checkpoint holds every weight: nothing to download or read besides it
+        cfg["model"].update(pretrained=False, weights=None)
+        model = build_model(cfg)
+        model.load_state_dict(state["model"])
+        pre = state["preprocessing"]
+        return cls(model, pre["image_size"], pre["mean"], pre["std"], tta,
+                   batch_size or cfg["eval"]["batch_size"],
+                   cfg["data"]["num_workers"] if num_workers is None else num_workers,
+                   device, weights_fingerprint(state["model"]))
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of everything that determines a vector: weights, preprocessing, TTA."""
+        return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def describe(self) -> dict:
+        return {"weights_sha256": self.weights_hash, "image_size": self.image_size, "mean": list(self.mean),
+                "std": list(self.std), "tta": self.tta, "embedding_dim": self.embedding_dim}
+
+    def embed_paths(self, paths: Sequence[str], progress: bool = False, desc: str = "embedding") -> np.ndarray:
+        """(len(paths), dim) float32, L2-normalised; workers decode while the model runs."""
+        dataset = ReIDDataset(list(paths), np.zeros(len(paths), dtype=np.int64), self.transform)
+        emb = compute_embeddings(self.model, dataset, self.batch_size, self.device, self.num_workers,
+                                 progress=progress, desc=desc, tta=self.tta)
+        return emb.reshape(len(paths), self.embedding_dim)
+
+    def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Embeddings of decoded RGB uint8 images (a service's uploads), in one batch."""
+        if not images:
+            return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        batch = torch.stack([self.transform(image=image)["image"] for image in images])
+        return embed_batch(self.model, batch, self.device, self.tta).numpy()
