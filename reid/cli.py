@@ -8,6 +8,10 @@ from pathlib import Path
 
 from reid.errors import ReidError
 
+# literal choices keep `reid --help` free of heavy imports; tests check they match the library's
+TTA_CHOICES = ("none", "hflip", "flip4")
+KIND_CHOICES = ("flat", "hnsw", "ivfpq")
+
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     parser.add_argument("--config", default=default, required=default is None,
@@ -50,7 +54,78 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo", help="folder for the data and the run (default: ./demo)")
     demo.add_argument("--identities", type=int, default=40)
     demo.add_argument("--images-per-identity", type=int, default=8)
+    embed = sub.add_parser("embed", help="embed images into a chunked, resumable cache of compressed .npz files")
+    _add_embed_args(embed)
+    embed.add_argument("--data", required=True, help="CSV (path, identity, ...) or a folder per identity")
+    embed.add_argument("--root", help="folder that relative CSV paths start from (default: the CSV's folder)")
+    embed.add_argument("--out", required=True, help="cache folder (reruns reuse it and embed only new images)")
+
+    index = sub.add_parser("index", help="FAISS gallery index of embeddings with each image's metadata")
+    index_sub = index.add_subparsers(dest="index_command", required=True)
+    build = index_sub.add_parser("build", help="build a gallery index from an embedding cache")
+    build.add_argument("--embeddings", required=True, help="cache folder written by `reid embed`")
+    build.add_argument("--out", required=True, help="index file to write (atomically)")
+    build.add_argument("--kind", default="auto", choices=["auto", *KIND_CHOICES],
+                       help="flat: exact; hnsw / ivfpq: approximate, for large galleries (auto: by size)")
+    build.add_argument("--ann-threshold", type=int, default=200_000,
+                       help="with --kind auto, galleries larger than this get an approximate index")
+
+    evaluate = sub.add_parser("evaluate", help="retrieval metrics (mAP, CMC, mINP, open set) and a PNG report")
+    _add_embed_args(evaluate)
+    evaluate.add_argument("--data", required=True, help="query images (CSV or folder); without --gallery, "
+                                                        "every image queries all the others")
+    evaluate.add_argument("--gallery", help="gallery images (CSV or folder)")
+    evaluate.add_argument("--root", help="folder that relative CSV paths start from")
+    evaluate.add_argument("--out", required=True, help="metrics JSON; the report PNG is written beside it")
+    evaluate.add_argument("--cache", default="cache", help="embedding cache root (default: ./cache)")
+    _add_rerank_args(evaluate)
+
+    calibrate = sub.add_parser("calibrate", help="pick the match / new-individual thresholds from a CV run's "
+                                                 "out-of-fold embeddings and store them in its checkpoints")
+    calibrate.add_argument("--run", required=True, help="folder of a `reid cv` run")
+    calibrate.add_argument("--precision", type=float, default=0.95, help="target precision of both decisions")
+
+    pairs = sub.add_parser("submit-pairs", help="Kaggle pair file -> submission with one similarity per pair")
+    _add_embed_args(pairs)
+    pairs.add_argument("--images", required=True, help="folder holding the competition's test images")
+    pairs.add_argument("--pairs", required=True, help="CSV with query_image, gallery_image (and row_id)")
+    pairs.add_argument("--out", required=True, help="submission CSV")
+    pairs.add_argument("--cache", default="cache", help="embedding cache root (default: ./cache)")
+    pairs.add_argument("--blend", type=float, default=0.5,
+                       help="weight of the raw cosine when re-ranking: blend*raw + (1-blend)*re-ranked")
+    _add_rerank_args(pairs)
     return parser
+
+
+def _add_embed_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="best.pt of a `reid train` / `reid cv` run")
+    parser.add_argument("--tta", default="none", choices=list(TTA_CHOICES),
+                        help="test-time augmentation: none, hflip, or flip4 (all four flips), averaged")
+    parser.add_argument("--chunk", type=int, default=100, help="images per cache chunk (default 100)")
+    parser.add_argument("--batch-size", type=int, help="default: eval.batch_size of the checkpoint's config")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_rerank_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dba", type=int, default=0, metavar="N", help="database-side augmentation with N neighbours")
+    parser.add_argument("--qe", type=int, default=0, metavar="N", help="alpha query expansion with N neighbours")
+    parser.add_argument("--qe-alpha", type=float, default=3.0)
+    parser.add_argument("--k-reciprocal", action="store_true", help="k-reciprocal re-ranking (Zhong et al. 2017)")
+    parser.add_argument("--k1", type=int, default=20)
+    parser.add_argument("--k2", type=int, default=6)
+    parser.add_argument("--lambda", dest="lambda_value", type=float, default=0.3)
+
+
+def _rerank_options(args: argparse.Namespace):
+    from reid.evaluation.evaluate import RerankOptions
+
+    return RerankOptions(args.dba, args.qe, args.qe_alpha, args.k_reciprocal, args.k1, args.k2, args.lambda_value)
+
+
+def _embedder(args: argparse.Namespace):
+    from reid.embedding import Embedder
+
+    return Embedder.from_checkpoint(args.checkpoint, tta=args.tta, batch_size=args.batch_size)
 
 
 def _load(args: argparse.Namespace, extra: list[str] = ()):
@@ -117,7 +192,125 @@ def cmd_demo(args: argparse.Namespace) -> None:
           f"run folder: {run}")
 
 
-COMMANDS = {"synth": cmd_synth, "train": cmd_train, "cv": cmd_cv, "demo": cmd_demo}
+def _warn_flips(table, tta: str) -> None:
+    from reid.embedding import flank_warning
+
+    warning = flank_warning(table, tta)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    from reid.data.table import load_table
+    from reid.embedding import EmbeddingCache
+
+    table = load_table(args.data, root=args.root)
+    _warn_flips(table, args.tta)
+    embedder = _embedder(args)
+    emb = EmbeddingCache(args.out).update(embedder, table, args.chunk, progress=not args.no_progress)
+    print(f"{len(emb)} embeddings of dimension {emb.shape[1]} in {args.out} (model {embedder.fingerprint})")
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    from reid.embedding import EmbeddingCache
+    from reid.index import build_gallery
+
+    table, emb = EmbeddingCache(args.embeddings).load()
+    metadata = table.rename(columns={"hash": "image_id"})
+    gallery = build_gallery(emb, metadata, kind=args.kind, ann_threshold=args.ann_threshold)
+    gallery.save(args.out)
+    print(f"{args.out}: {gallery.kind} index of {len(gallery)} vectors "
+          f"({metadata['identity'].nunique() if 'identity' in metadata else 0} identities)")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from reid.data.table import load_table
+    from reid.embedding import cached_embeddings
+    from reid.evaluation.evaluate import evaluate
+    from reid.io import write_json
+    from reid.train.checkpoint import load_checkpoint
+
+    queries = load_table(args.data, root=args.root)
+    gallery = load_table(args.gallery, root=args.root) if args.gallery else queries
+    if gallery.empty:
+        raise ReidError(f"the gallery '{args.gallery}' has no images")
+    _warn_flips(queries, args.tta)
+    embedder = _embedder(args)
+    progress = not args.no_progress
+    q_emb = cached_embeddings(embedder, queries, args.cache, args.chunk, progress)
+    g_emb = cached_embeddings(embedder, gallery, args.cache, args.chunk, progress) if args.gallery else q_emb
+    options = _rerank_options(args)
+    thresholds = load_checkpoint(args.checkpoint).get("calibration")
+    metrics, results = evaluate(q_emb, queries, g_emb, gallery, same_set=not args.gallery, options=options,
+                                thresholds=thresholds)
+    metrics.update(checkpoint=str(args.checkpoint), tta=args.tta, model=embedder.fingerprint)
+    write_json(args.out, metrics)
+    report = Path(args.out).with_suffix(".png")
+    _write_report(report, queries, gallery, results, metrics, options.describe())
+    print(json.dumps({k: metrics[k] for k in ("mAP", "identity_balanced_mAP", "top1", "top5", "mINP", "pair_auc")}))
+    print(f"metrics: {args.out}\nreport: {report}")
+
+
+def _write_report(path: Path, queries, gallery, results, metrics: dict, rerank: str) -> None:
+    """The CMC curve and rank lists of a few queries: the first misses, then the first hits."""
+    import numpy as np
+
+    from reid.evaluation.report import write_report
+
+    known = np.flatnonzero(results.known)
+    chosen = [*[i for i in known if not results.top_correct[i]][:3], *[i for i in known if results.top_correct[i]][:3]]
+    examples = []
+    for i in chosen:
+        hits = _top_gallery(results, i)
+        examples.append({"query_path": queries["path"].iloc[i], "query_identity": queries["identity"].iloc[i],
+                         "gallery": [(gallery["path"].iloc[j], gallery["identity"].iloc[j], s) for j, s in hits]})
+    write_report(path, results.ranks, examples,
+                 f"mAP {metrics['mAP']:.3f}, top-1 {metrics['top1']:.3f} (re-ranking: {rerank})")
+
+
+def _top_gallery(results, query: int) -> list[tuple[int, float]]:
+    return [(int(j), float(s)) for j, s in zip(results.top_lists[query], results.top_list_scores[query])]
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from reid.evaluation.calibration import calibrate_run
+
+    thresholds, checkpoints = calibrate_run(args.run, args.precision)
+    print(f"match threshold {thresholds['match_threshold']:.4f}, new-individual threshold "
+          f"{thresholds['new_threshold']:.4f} (precision {args.precision}, {thresholds['queries']} queries)")
+    for path in checkpoints:
+        print(f"stored in {path}")
+
+
+def cmd_submit_pairs(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from reid.embedding import cached_embeddings
+    from reid.evaluation.evaluate import rerank_scores
+    from reid.io import write_text
+    from reid.kaggle import pair_similarities, read_pairs
+
+    pairs, query, gallery, id_column = read_pairs(args.pairs, args.images)
+    names = list(pd.unique(pd.concat([pairs[query], pairs[gallery]])))
+    table = pd.DataFrame({"path": [str(Path(args.images) / n) for n in names], "identity": names})
+    emb = cached_embeddings(_embedder(args), table, args.cache, args.chunk, not args.no_progress)
+    options = _rerank_options(args)
+    q_emb, g_emb, rows = rerank_scores(emb, emb, options)
+    position = {name: i for i, name in enumerate(names)}
+    q_index, g_index = pairs[query].map(position).to_numpy(), pairs[gallery].map(position).to_numpy()
+    reranked_rows = (lambda start, stop: 1 + rows(start, stop)) if rows else None  # similarity = 1 - distance
+    scores = pair_similarities(q_emb, g_emb, q_index, g_index, reranked_rows, args.blend)
+    out = pd.DataFrame({id_column or "row_id": pairs[id_column] if id_column else range(len(pairs)),
+                        "similarity": scores})
+    write_text(args.out, out.to_csv(index=False))
+    print(f"{args.out}: {len(out)} pairs over {len(names)} images")
+
+
+COMMANDS = {"synth": cmd_synth, "train": cmd_train, "cv": cmd_cv, "demo": cmd_demo, "embed": cmd_embed,
+            "index": cmd_index, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate,
+            "submit-pairs": cmd_submit_pairs}
 
 
 def main(argv: list[str] | None = None) -> int:

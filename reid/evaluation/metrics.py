@@ -7,9 +7,11 @@ ranking is reduced to those ranks, and the chance level can draw them directly.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import rankdata
 
 CHUNK_ELEMENTS = 1 << 22  # query x gallery float32 scores held at once (16 MiB)
 
@@ -115,32 +117,104 @@ def _embeddings(values: np.ndarray, name: str) -> np.ndarray:
     return array
 
 
+@dataclass
+class QueryResults:
+    """Per query: ascending positive ranks (empty: no positive visible), best score and whether the
+    best-scored gallery image is of the query's identity; plus sampled pair scores for the pair AUC."""
+    ranks: list[np.ndarray]
+    query_codes: np.ndarray
+    top_scores: np.ndarray
+    top_correct: np.ndarray
+    top_lists: np.ndarray  # (Q, n) best gallery indices, best first
+    top_list_scores: np.ndarray
+    positive_scores: np.ndarray
+    negative_scores: np.ndarray
+
+    @property
+    def known(self) -> np.ndarray:
+        """Queries whose identity has a visible gallery image (the others are new individuals)."""
+        return np.array([r.size > 0 for r in self.ranks], dtype=bool)
+
+
+ScoreRows = Callable[[int, int], np.ndarray]
+
+
+def rank_queries(query_emb: np.ndarray, query_ids: Sequence, gallery_emb: np.ndarray, gallery_ids: Sequence,
+                 query_groups: Sequence | None = None, gallery_groups: Sequence | None = None,
+                 same_set: bool = False, score_rows: ScoreRows | None = None,
+                 negatives_per_query: int = 64, seed: int = 0, list_length: int = 5) -> QueryResults:
+    """Rank the gallery for each query, chunk by chunk, and keep what every metric needs.
+
+    Scores are cosine similarities, or `score_rows(start, stop)` (higher is better) for queries
+    start:stop, which is how re-ranked scores are evaluated without a (Q, G) matrix in memory.
+    """
+    queries, gallery = _embeddings(query_emb, "query_emb"), _embeddings(gallery_emb, "gallery_emb")
+    if queries.shape[1] != gallery.shape[1]:
+        raise ValueError(f"embedding shapes do not match: queries {queries.shape}, gallery {gallery.shape}")
+    if len(gallery) == 0:
+        raise ValueError("the gallery is empty: nothing to rank")
+    if len(queries) == 0:
+        raise ValueError("there are no queries to rank the gallery for")
+    for name, ids, n in (("query_ids", query_ids, len(queries)), ("gallery_ids", gallery_ids, len(gallery))):
+        if len(ids) != n:
+            raise ValueError(f"{name} has {len(ids)} entries for {n} embeddings")
+    protocol = _Protocol(query_ids, gallery_ids, query_groups, gallery_groups, same_set)
+    gallery_codes = _codes(query_ids, gallery_ids)[0][1]
+    rng = np.random.default_rng(seed)
+    sets = iter(protocol)
+    ranks, top_lists, top_list_scores, pos_scores, neg_scores = [], [], [], [], []
+    list_length = min(list_length, len(gallery))
+    chunk = max(1, CHUNK_ELEMENTS // len(gallery))
+    for start in range(0, len(queries), chunk):
+        stop = min(start + chunk, len(queries))
+        rows = score_rows(start, stop) if score_rows else queries[start:stop] @ gallery.T
+        for row, (hidden, positives) in zip(np.asarray(rows, dtype=np.float32), sets):
+            row[hidden] = -np.inf  # below every real score: a hidden image never outranks a positive
+            ranks.append(_ranks(row, positives) if positives.size else _EMPTY)
+            best = np.argpartition(-row, list_length - 1)[:list_length]
+            best = best[np.lexsort((best, -row[best]))]  # best first, ties to the lower index
+            top_lists.append(best)
+            top_list_scores.append(row[best])
+            pos_scores.append(row[positives])
+            negatives = np.flatnonzero(np.isfinite(row))
+            negatives = negatives[gallery_codes[negatives] != protocol.query_codes[len(ranks) - 1]]
+            if negatives.size > negatives_per_query:
+                negatives = rng.choice(negatives, negatives_per_query, replace=False)
+            neg_scores.append(row[negatives])
+    top_lists, top_list_scores = np.array(top_lists, dtype=np.int64), np.array(top_list_scores, dtype=np.float64)
+    return QueryResults(ranks, protocol.query_codes, top_list_scores[:, 0],
+                        gallery_codes[top_lists[:, 0]] == protocol.query_codes, top_lists, top_list_scores,
+                        np.concatenate(pos_scores) if pos_scores else np.zeros(0),
+                        np.concatenate(neg_scores) if neg_scores else np.zeros(0))
+
+
+def pair_auc(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
+    """Probability that a same-identity pair outscores a different-identity pair (ties count half)."""
+    if positive_scores.size == 0 or negative_scores.size == 0:
+        return float("nan")
+    scores = np.concatenate([positive_scores, negative_scores])
+    ranks = rankdata(scores)
+    n_pos, n_neg = positive_scores.size, negative_scores.size
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def retrieval_metrics(query_emb: np.ndarray, query_ids: Sequence, gallery_emb: np.ndarray, gallery_ids: Sequence,
                       query_groups: Sequence | None = None, gallery_groups: Sequence | None = None,
-                      topk: Sequence[int] = (1, 5, 10), same_set: bool = False) -> dict:
-    """mAP, identity-balanced mAP, CMC top-k and mINP of ranking the gallery for each query.
+                      topk: Sequence[int] = (1, 5, 10), same_set: bool = False,
+                      score_rows: ScoreRows | None = None) -> dict:
+    """mAP, identity-balanced mAP, CMC top-k, mINP and pair AUC of ranking the gallery for each query.
 
     Embeddings are L2-normalised, so the dot product is the cosine similarity. A query never sees
     gallery images of its own group; with `same_set` (the query set is the gallery) it never sees
     itself either. Queries left without a positive are skipped and counted in `skipped_queries`.
     `identity_balanced_mAP` averages each identity's mean query AP, so common individuals do not
-    dominate. `mINP` (Ye et al. 2021) averages positives / rank of the last positive.
+    dominate. `mINP` (Ye et al. 2021) averages positives / rank of the last positive. `pair_auc`
+    compares every same-identity pair with a sample of different-identity pairs.
     """
-    queries, gallery = _embeddings(query_emb, "query_emb"), _embeddings(gallery_emb, "gallery_emb")
-    if queries.shape[1] != gallery.shape[1]:
-        raise ValueError(f"embedding shapes do not match: queries {queries.shape}, gallery {gallery.shape}")
-    for name, ids, n in (("query_ids", query_ids, len(queries)), ("gallery_ids", gallery_ids, len(gallery))):
-        if len(ids) != n:
-            raise ValueError(f"{name} has {len(ids)} entries for {n} embeddings")
-    protocol = _Protocol(query_ids, gallery_ids, query_groups, gallery_groups, same_set)
-    sets = iter(protocol)
-    ranks = []
-    chunk = max(1, CHUNK_ELEMENTS // max(len(gallery), 1))
-    for start in range(0, len(queries), chunk):
-        for row, (hidden, positives) in zip(queries[start:start + chunk] @ gallery.T, sets):
-            row[hidden] = -np.inf  # below every real score: a hidden image never outranks a positive
-            ranks.append(_ranks(row, positives) if positives.size else _EMPTY)
-    return _summarise(ranks, protocol.query_codes, topk)
+    results = rank_queries(query_emb, query_ids, gallery_emb, gallery_ids, query_groups, gallery_groups,
+                           same_set, score_rows)
+    return {**_summarise(results.ranks, results.query_codes, topk),
+            "pair_auc": pair_auc(results.positive_scores, results.negative_scores)}
 
 
 def chance_metrics(query_ids: Sequence, gallery_ids: Sequence, query_groups: Sequence | None = None,
