@@ -297,7 +297,7 @@ def cmd_submit_pairs(args: argparse.Namespace) -> None:
     table = pd.DataFrame({"path": [str(Path(args.images) / n) for n in names], "identity": names})
     emb = cached_embeddings(_embedder(args), table, args.cache, args.chunk, not args.no_progress)
     options = _rerank_options(args)
-    q_emb, g_emb, rows = rerank_scores(emb, emb, options)
+    q_emb, g_emb, rows = rerank_scores(emb, emb, options, same_set=True)
     position = {name: i for i, name in enumerate(names)}
     q_index, g_index = pairs[query].map(position).to_numpy(), pairs[gallery].map(position).to_numpy()
     reranked_rows = (lambda start, stop: 1 + rows(start, stop)) if rows else None  # similarity = 1 - distance

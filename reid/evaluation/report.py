@@ -40,9 +40,9 @@ def write_report(path: str | Path, ranks: Sequence[np.ndarray], examples: list[d
     ax.grid(alpha=0.3)
     for row, example in enumerate(examples, start=1):
         _thumb(fig.add_subplot(grid[row, 0]), example["query_path"], f"query\n{example['query_identity']}", "black")
-        for col, (path, identity, score) in enumerate(example["gallery"][:top_k], start=1):
+        for col, (image, identity, score) in enumerate(example["gallery"][:top_k], start=1):
             colour = "tab:green" if identity == example["query_identity"] else "tab:red"
-            _thumb(fig.add_subplot(grid[row, col]), path, f"{identity}\n{score:.3f}", colour)
+            _thumb(fig.add_subplot(grid[row, col]), image, f"{identity}\n{score:.3f}", colour)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
