@@ -59,14 +59,15 @@ def rerank_scores(query_emb: np.ndarray, gallery_emb: np.ndarray, options: Reran
 def best_balanced_threshold(results: QueryResults) -> float:
     """The best-score threshold that maximises the mean of known and new accuracy on these queries."""
     candidates = np.unique(results.top_scores)
-    known = results.known
-    best, best_value = float(candidates[0]) if candidates.size else 0.0, -1.0
-    for t in candidates:
-        m = open_set_metrics(results.top_scores, results.top_correct, known, t)
-        value = np.nanmean([m["known_accuracy"], m["new_accuracy"]])
-        if value > best_value:
-            best, best_value = float(t), value
-    return best
+    known, new = results.known, ~results.known
+    right_known = np.sort(results.top_scores[known & results.top_correct])
+    new_scores = np.sort(results.top_scores[new])
+    # at threshold t: known right = correct best match scoring >= t; new right = new scoring < t
+    known_accuracy = (len(right_known) - np.searchsorted(right_known, candidates)) / max(known.sum(), 1)
+    new_accuracy = np.searchsorted(new_scores, candidates) / max(new.sum(), 1)
+    weights = np.array([known.any(), new.any()], dtype=float)
+    balanced = (weights[0] * known_accuracy + weights[1] * new_accuracy) / max(weights.sum(), 1)
+    return float(candidates[np.argmax(balanced)]) if candidates.size else 0.0
 
 
 def evaluate(query_emb: np.ndarray, query_table: pd.DataFrame, gallery_emb: np.ndarray,
