@@ -34,12 +34,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reid", description="Re-identification of individual animals.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    synth = sub.add_parser("synth", help="render synthetic spotted/striped individuals (images + metadata.csv)")
+    synth = sub.add_parser("synth", help="render synthetic spotted/striped individuals (images + metadata.csv), "
+                                         "or with --scenes camera-trap frames with a MegaDetector JSON")
     synth.add_argument("--out", required=True)
     synth.add_argument("--identities", type=int, default=40)
     synth.add_argument("--images-per-identity", type=int, default=8)
     synth.add_argument("--image-size", type=int, default=128)
     synth.add_argument("--seed", type=int, default=0)
+    scenes = synth.add_argument_group("camera-trap scenes (--scenes)")
+    scenes.add_argument("--scenes", action="store_true", help="render camera-trap frames instead of crops")
+    scenes.add_argument("--frames", type=int, default=60)
+    scenes.add_argument("--individuals-per-species", type=int, default=4)
+    scenes.add_argument("--species", default="spotted-cat,striped-antelope", help="comma-separated")
+    scenes.add_argument("--cameras", type=int, default=3)
+    scenes.add_argument("--burst", type=int, default=3, help="frames per encounter, a few seconds apart")
+    scenes.add_argument("--frame-size", default="320x240", help="WIDTHxHEIGHT")
+
+    species = sub.add_parser("train-species", help="train a species classifier (cross-entropy head on a timm "
+                                                   "backbone) on crops; writes OUT/species.pt")
+    _add_config_args(species)
+    species.add_argument("--data", required=True, help="CSV: path (or file), species[, x, y, w, h box, category, "
+                                                       "encounter]")
+    species.add_argument("--images", help="folder that the CSV's paths start from")
+    species.add_argument("--out", required=True)
+    species.add_argument("--val-fraction", type=float, default=0.2)
+    species.add_argument("--threshold", type=float, default=0.5, help="below this confidence: 'unknown'")
+    species.add_argument("--no-progress", action="store_true")
 
     train = sub.add_parser("train", help="train one fold; writes OUT/best.pt, OUT/last.pt, OUT/metrics.jsonl")
     _add_run_args(train)
@@ -137,10 +157,32 @@ def _load(args: argparse.Namespace, extra: list[str] = ()):
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
+    if args.scenes:
+        from reid.species import make_synthetic_scenes
+
+        try:
+            width, height = (int(v) for v in args.frame_size.lower().split("x"))
+        except ValueError:
+            raise ReidError(f"--frame-size '{args.frame_size}': give WIDTHxHEIGHT, e.g. 320x240") from None
+        paths = make_synthetic_scenes(args.out, args.frames, args.individuals_per_species,
+                                      tuple(s.strip() for s in args.species.split(",") if s.strip()), args.cameras,
+                                      args.burst, (width, height), args.seed)
+        print(f"wrote {paths.images}/, {paths.detections} (MegaDetector format), {paths.ground_truth}")
+        return
     from reid.data.synth import make_synthetic_dataset
 
     csv = make_synthetic_dataset(args.out, args.identities, args.images_per_identity, args.seed, args.image_size)
     print(f"wrote {csv}")
+
+
+def cmd_train_species(args: argparse.Namespace) -> None:
+    from reid.config import load_config
+    from reid.species import species_table, train_species_classifier
+
+    cfg = load_config(args.config, args.overrides)
+    checkpoint = train_species_classifier(cfg, species_table(args.data, args.images), args.out, args.val_fraction,
+                                          args.threshold, progress=not args.no_progress)
+    print(f"checkpoint: {checkpoint}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -308,7 +350,7 @@ def cmd_submit_pairs(args: argparse.Namespace) -> None:
     print(f"{args.out}: {len(out)} pairs over {len(names)} images")
 
 
-COMMANDS = {"synth": cmd_synth, "train": cmd_train, "cv": cmd_cv, "demo": cmd_demo, "embed": cmd_embed,
+COMMANDS = {"synth": cmd_synth, "train-species": cmd_train_species, "train": cmd_train, "cv": cmd_cv, "demo": cmd_demo, "embed": cmd_embed,
             "index": cmd_index, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate,
             "submit-pairs": cmd_submit_pairs}
 
