@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--blend", type=float, default=0.5,
                        help="weight of the raw cosine when re-ranking: blend*raw + (1-blend)*re-ranked")
     _add_rerank_args(pairs)
+
+    from service.commands import register  # serve, keys: the service's own commands (imports stay lazy)
+
+    COMMANDS.update(register(sub))
     return parser
 
 

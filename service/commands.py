@@ -1,0 +1,112 @@
+"""`reid serve` and `reid keys`: `register(subparsers)` adds them to the `reid` command's parser.
+
+    from service.commands import register
+    COMMANDS.update(register(sub))          # in reid/cli.py, after the other sub-parsers
+
+`python -m service serve ...` / `python -m service keys ...` run them without reid/cli.py.
+Each command takes the parsed argparse namespace and raises ReidError for a user's mistake.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from reid.errors import ReidError
+
+TTA_CHOICES = ("none", "hflip", "flip4")
+
+
+def _add_store_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", required=True, help="store folder (SQLite database and image files)")
+    parser.add_argument("--database-url", help="SQLAlchemy URL of a shared database instead of the store's SQLite, "
+                                               "e.g. postgresql+psycopg://user:password@host/wildreid")
+
+
+def register(subparsers) -> dict:
+    """Add `serve` and `keys` to an argparse sub-parsers object; return {command name: function}."""
+    serve = subparsers.add_parser("serve", help="run the identification web service (FastAPI + uvicorn)")
+    _add_store_args(serve)
+    serve.add_argument("--checkpoint", required=True, help="training checkpoint (best.pt) that embeds the photos")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each loads the model)")
+    serve.add_argument("--tta", choices=TTA_CHOICES, help="test-time augmentation (default: none)")
+    serve.add_argument("--require-key-for-reads", action="store_true", default=None,
+                       help="identify and GET requests need an API key too")
+    serve.add_argument("--settings", help="YAML or JSON file of further settings (upload limits, thresholds, "
+                                          "batching: see service/settings.py); flags win over it")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+    keys = subparsers.add_parser("keys", help="API keys of a store: create (printed once), revoke, list")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key; it is printed once, only its hash is stored")
+    _add_store_args(create)
+    create.add_argument("--name", required=True, help="who holds the key (written in the audit log)")
+    revoke = keys_sub.add_parser("revoke", help="revoke the active key of this name")
+    _add_store_args(revoke)
+    revoke.add_argument("--name", required=True)
+    listing = keys_sub.add_parser("list", help="list keys (names and dates, never the keys)")
+    _add_store_args(listing)
+    return {"serve": cmd_serve, "keys": cmd_keys}
+
+
+def _settings(args: argparse.Namespace):
+    from service.settings import build_settings, Settings
+
+    values = {"store_dir": args.store, "checkpoint": getattr(args, "checkpoint", None),
+              "database_url": args.database_url, "tta": getattr(args, "tta", None),
+              "require_key_for_reads": getattr(args, "require_key_for_reads", None)}
+    if getattr(args, "settings", None):
+        return Settings.from_file(args.settings, **values)
+    return build_settings(**{k: v for k, v in values.items() if v is not None})
+
+
+def _store(args: argparse.Namespace):
+    from service.store import Store
+
+    settings = _settings(args)
+    settings.store_dir.mkdir(parents=True, exist_ok=True)
+    return Store(settings.url, settings.sqlite_synchronous)
+
+
+def cmd_keys(args: argparse.Namespace) -> None:
+    store = _store(args)
+    try:
+        if args.keys_command == "create":
+            row, secret = store.create_key(args.name)
+            print(f"created key '{row['name']}' (id {row['id']}); it is shown only now, store it safely:",
+                  file=sys.stderr)
+            print(secret)
+        elif args.keys_command == "revoke":
+            count = store.revoke_key(args.name)
+            print(f"revoked {count} key(s) named '{args.name}'")
+        else:
+            rows = store.list_keys()
+            if not rows:
+                print("no keys; create one with `reid keys create --store DIR --name NAME`")
+            for row in rows:
+                state = f"revoked {row['revoked_at']}" if row["revoked_at"] else "active"
+                print(f"{row['id']}\t{row['name']}\tcreated {row['created_at']}\t{state}")
+    finally:
+        store.close()
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from reid.train.checkpoint import load_checkpoint
+    from service.store import Store
+
+    settings = _settings(args)
+    if args.workers < 1:
+        raise ReidError("--workers must be at least 1")
+    state = load_checkpoint(settings.checkpoint)  # a clear error now rather than a traceback in each worker
+    if not isinstance(state, dict) or not {"model", "config", "preprocessing"} <= state.keys():
+        raise ReidError(f"'{settings.checkpoint}' is not a reid training checkpoint; use the best.pt of a run")
+    del state
+    settings.store_dir.mkdir(parents=True, exist_ok=True)
+    Store(settings.url, settings.sqlite_synchronous).close()  # schema created once, before the workers start
+    os.environ.update(settings.to_env())
+    uvicorn.run("service.app:create_app_from_env", factory=True, host=args.host, port=args.port,
+                workers=args.workers, log_level=args.log_level, timeout_graceful_shutdown=10)

@@ -1,0 +1,63 @@
+"""FastAPI dependencies: the running service, and API-key authentication."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPBearer
+from starlette.concurrency import run_in_threadpool
+
+from service.core import Service
+from service.errors import Forbidden, NotReady, Unauthorized
+
+# only for the OpenAPI schema ("Authorize" in /docs): the header is checked below, with clearer errors
+bearer_scheme = HTTPBearer(auto_error=False, description="an API key from `reid keys create`")
+
+
+@dataclass
+class Caller:
+    key_id: int | None
+    key_name: str | None
+
+
+def get_service(request: Request) -> Service:
+    service = getattr(request.app.state, "service", None)
+    if service is None:
+        raise NotReady("the service is starting or stopping")
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+async def _caller(request: Request, service: Service, required: bool) -> Caller:
+    header = request.headers.get("authorization")
+    if header is None:
+        if required:
+            raise Unauthorized("this request needs an API key: send 'Authorization: Bearer KEY' "
+                               "(create one with `reid keys create --store DIR --name NAME`)", code="missing_key")
+        return Caller(None, None)
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("the Authorization header must be 'Bearer KEY'", code="malformed_authorization")
+    row = await run_in_threadpool(service.store.authenticate, token)
+    if row is None:
+        raise Unauthorized("unknown API key", code="invalid_key")
+    if row["revoked_at"] is not None:
+        raise Forbidden(f"API key '{row['name']}' was revoked at {row['revoked_at']}", code="revoked_key")
+    return Caller(row["id"], row["name"])
+
+
+async def reader(request: Request, service: ServiceDep, _doc=Depends(bearer_scheme)) -> Caller:
+    """A key is needed for reads only with require_key_for_reads; a key sent anyway must be valid."""
+    return await _caller(request, service, service.settings.require_key_for_reads)
+
+
+async def writer(request: Request, service: ServiceDep, _doc=Depends(bearer_scheme)) -> Caller:
+    return await _caller(request, service, True)
+
+
+ReaderDep = Annotated[Caller, Depends(reader)]
+WriterDep = Annotated[Caller, Depends(writer)]

@@ -1,0 +1,71 @@
+"""Liveness, readiness, Prometheus metrics and the audit log."""
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import ServiceDep, WriterDep
+from service.routers.common import errors
+from service.schemas import AuditEntry, Health, Ready, Thresholds
+
+router = APIRouter(tags=["operations"])
+
+try:
+    VERSION = version("wildreid")
+except PackageNotFoundError:  # running from a source tree
+    VERSION = "0+unknown"
+
+
+@router.get("/health", response_model=Health, summary="Liveness: the process answers")
+async def health() -> Health:
+    return Health(status="ok", version=VERSION)
+
+
+@router.get("/ready", response_model=Ready, responses={503: {"model": Ready}},
+            summary="Readiness: model loaded, database reachable, galleries in step with it")
+async def ready(service: ServiceDep) -> Response:
+    def check() -> tuple[bool, int, list[str]]:
+        problems = []
+        ok = service.store.ping()
+        seq = -1
+        if ok:
+            try:
+                service.galleries.sync()
+                seq = service.galleries.seq
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                ok = False
+                problems.append(f"gallery sync failed: {exc}")
+        else:
+            problems.append("the database does not answer")
+        if not service.batcher.thread.is_alive():
+            ok = False
+            problems.append("the model worker is not running")
+        return ok, seq, problems
+
+    ok, seq, problems = await run_in_threadpool(check)
+    body = Ready(status="ready" if ok else "not ready", model=service.runner.fingerprint,
+                 embedding_dim=service.runner.dim, tta=service.settings.tta,
+                 thresholds=Thresholds(**service.thresholds, source=service.threshold_source),
+                 database=service.store.engine.url.render_as_string(hide_password=True), change_seq=seq,
+                 galleries=service.galleries.sizes(), foreign_images=service.galleries.foreign,
+                 warnings=service.warnings + problems)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    service = getattr(request.app.state, "service", None)
+    sizes = service.galleries.sizes() if service else {}
+    seq = service.galleries.seq if service else -1
+    return Response(request.app.state.metrics.render(sizes, seq), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/v1/audit", response_model=list[AuditEntry], responses=errors(401, 403, 422),
+            summary="The audit log, newest first (needs a key)")
+async def audit(service: ServiceDep, caller: WriterDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                offset: Annotated[int, Query(ge=0)] = 0) -> list[AuditEntry]:
+    return [AuditEntry(**row) for row in await run_in_threadpool(service.store.audit_entries, limit, offset)]

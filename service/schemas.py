@@ -1,0 +1,273 @@
+"""Pydantic models of every request and response of the API (the OpenAPI schema at /docs)."""
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from fastapi import UploadFile
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SPECIES_PATTERN = re.compile(r"^[a-z0-9][a-z0-9 _.\-]{0,99}$")
+
+
+def normalise_species(value: str | None) -> str | None:
+    """Species names are compared lower-case with outer spaces removed ("Zebra " is "zebra")."""
+    if value is None:
+        return None
+    value = " ".join(value.strip().lower().split())
+    if not value:
+        return None
+    if not SPECIES_PATTERN.match(value):
+        raise ValueError("species must be 1-100 characters: letters, digits, space, '_', '.', '-'")
+    return value
+
+
+def _name(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------- requests (multipart forms)
+class IdentifyForm(Strict):
+    """`images`: one or more photos of one encounter (fused into one query)."""
+    images: list[UploadFile] = Field(description="photos of one encounter (one animal, or one per bbox when a "
+                                                 "single photo has several bboxes)")
+    species: str | None = Field(None, description="species gallery to search; required when the store holds "
+                                                  "more than one species")
+    top_k: int | None = Field(None, ge=1, description="candidate individuals to return")
+    bbox: list[str] = Field(default_factory=list, description="x,y,w,h normalised to 0..1: one for every photo, "
+                                                              "one per photo, or several for a single photo")
+
+    @field_validator("species")
+    @classmethod
+    def check_species(cls, value: str | None) -> str | None:
+        return normalise_species(value)
+
+
+class EnrollForm(Strict):
+    name: str = Field(min_length=1, max_length=200)
+    species: str = Field(min_length=1, max_length=100)
+    images: list[UploadFile]
+    notes: str = Field("", max_length=10_000)
+    observed_at: str | None = Field(None, max_length=64, description="when the photos were taken (free text, "
+                                                                     "ISO 8601 advised)")
+    location: str | None = Field(None, max_length=200)
+    bbox: list[str] = Field(default_factory=list, description="x,y,w,h normalised: one for every photo or one per "
+                                                              "photo (default: the whole image)")
+
+    @field_validator("name")
+    @classmethod
+    def check_name(cls, value: str) -> str:
+        return _name(value)
+
+    @field_validator("species")
+    @classmethod
+    def check_species(cls, value: str) -> str:
+        species = normalise_species(value)
+        if species is None:
+            raise ValueError("must not be empty")
+        return species
+
+
+class SightingForm(Strict):
+    images: list[UploadFile]
+    notes: str = Field("", max_length=10_000)
+    observed_at: str | None = Field(None, max_length=64)
+    location: str | None = Field(None, max_length=200)
+    bbox: list[str] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------------- requests (JSON)
+class IndividualPatch(Strict):
+    name: str | None = Field(None, min_length=1, max_length=200)
+    notes: str | None = Field(None, max_length=10_000)
+
+    @field_validator("name")
+    @classmethod
+    def check_name(cls, value: str | None) -> str | None:
+        return _name(value)
+
+    @model_validator(mode="after")
+    def check_not_empty(self) -> "IndividualPatch":
+        if self.name is None and self.notes is None:
+            raise ValueError("give at least one of name, notes")
+        return self
+
+
+class MergeRequest(Strict):
+    source_id: int = Field(description="the individual merged into this one (it becomes an alias)")
+
+
+# ---------------------------------------------------------------------- responses
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: dict | list | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class ImageOut(BaseModel):
+    id: int
+    individual_id: int
+    enrolled_as: int = Field(description="the individual it was first enrolled under (before merges)")
+    sighting_id: int
+    species: str
+    sha256: str
+    width: int
+    height: int
+    media_type: str
+    size_bytes: int
+    filename: str | None = None
+    bbox: str | None = None
+    created_at: str
+    file_url: str
+
+
+class ImageBrief(BaseModel):
+    id: int
+    sighting_id: int
+    enrolled_as: int
+    sha256: str
+    width: int
+    height: int
+    media_type: str
+    bbox: str | None = None
+    created_at: str
+    file_url: str
+
+
+class SightingOut(BaseModel):
+    id: int
+    observed_at: str | None = None
+    location: str | None = None
+    notes: str = ""
+    created_at: str
+    key_name: str | None = None
+    image_ids: list[int]
+
+
+class AliasOut(BaseModel):
+    name: str
+    former_id: int
+    created_at: str
+
+
+class IndividualSummary(BaseModel):
+    id: int
+    name: str
+    species: str
+    notes: str = ""
+    created_at: str
+    updated_at: str
+    deleted: bool
+    deleted_at: str | None = None
+    image_count: int
+
+
+class IndividualOut(IndividualSummary):
+    merged_into: int | None = Field(None, description="set when this individual was merged into another")
+    aliases: list[AliasOut] = []
+    images: list[ImageBrief] = []
+    sightings: list[SightingOut] = []
+
+
+class IndividualPage(BaseModel):
+    items: list[IndividualSummary]
+    total: int
+    page: int
+    per_page: int
+
+
+class SightingCreated(BaseModel):
+    sighting_id: int
+    image_ids: list[int]
+    individual: IndividualOut
+
+
+class MergeResult(BaseModel):
+    images_moved: int
+    individual: IndividualOut
+
+
+class Thresholds(BaseModel):
+    match_threshold: float
+    new_threshold: float
+    source: Literal["checkpoint", "settings"] = Field(description="checkpoint: calibrated by `reid calibrate`; "
+                                                                  "settings: the service's fallback defaults")
+
+
+class ImageMatch(BaseModel):
+    image_id: int
+    score: float
+
+
+class Candidate(BaseModel):
+    rank: int
+    individual_id: int
+    name: str
+    score: float = Field(description="cosine similarity of the fused query to the individual's best gallery image")
+    images: list[ImageMatch] = Field(description="its gallery images among the nearest neighbours, best first")
+
+
+class Animal(BaseModel):
+    index: int
+    species: str
+    detector: Literal["whole-image", "bbox"]
+    bboxes: list[list[float]] | None = None
+    query_images: int
+    decision: Literal["match", "new", "uncertain"]
+    best_score: float | None
+    candidates: list[Candidate]
+
+
+class IdentifyResponse(BaseModel):
+    animals: list[Animal]
+    thresholds: Thresholds
+    model: str = Field(description="fingerprint of the model (weights, preprocessing, TTA)")
+    gallery_size: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+
+
+class Ready(BaseModel):
+    status: Literal["ready", "not ready"]
+    model: str
+    embedding_dim: int
+    tta: str
+    thresholds: Thresholds
+    database: str
+    change_seq: int
+    galleries: dict[str, int]
+    foreign_images: int = Field(description="images embedded by another model, not searchable by this one")
+    warnings: list[str]
+
+
+class ApiKeyOut(BaseModel):
+    id: int
+    name: str
+    created_at: str
+    revoked_at: str | None = None
+
+
+class AuditEntry(BaseModel):
+    id: int
+    at: str
+    key_name: str | None
+    action: str
+    target_type: str | None
+    target_id: int | None
+    detail: dict

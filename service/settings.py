@@ -1,0 +1,112 @@
+"""Service settings: one pydantic model, built by `reid serve` from its flags (and an optional file).
+
+Everything the server reads at start is here, so `create_app(settings)` needs nothing else, and
+uvicorn worker processes get the same settings as JSON in `WILDREID_SERVICE_SETTINGS`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from reid.errors import ConfigError
+
+ENV_VAR = "WILDREID_SERVICE_SETTINGS"
+MB = 1024 * 1024
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    store_dir: Path = Field(description="folder of the store: database (SQLite by default) and image files")
+    checkpoint: Path | None = Field(None, description="training checkpoint (best.pt) whose model embeds every "
+                                                     "photo (needed to serve; not for managing keys)")
+    database_url: str | None = Field(None, description="SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db; "
+                                                       "default: SQLite (WAL) at STORE/wildreid.db")
+    tta: Literal["none", "hflip", "flip4"] = "none"
+    require_key_for_reads: bool = Field(False, description="reads need `Authorization: Bearer KEY` too")
+
+    # upload limits
+    max_upload_bytes: int = Field(20 * MB, ge=1, description="largest single uploaded file")
+    max_request_bytes: int = Field(64 * MB, ge=1, description="largest request body (refused before it is read)")
+    max_pixels: int = Field(50_000_000, ge=1, description="largest width x height of an upload (decompression bombs)")
+    max_images_per_request: int = Field(10, ge=1)
+    allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+
+    # identification
+    default_top_k: int = Field(5, ge=1)
+    max_top_k: int = Field(100, ge=1)
+    match_threshold: float = Field(0.7, description="used when the checkpoint holds no calibration")
+    new_threshold: float = Field(0.5, description="used when the checkpoint holds no calibration")
+    index_kind: Literal["flat", "hnsw", "auto"] = "flat"
+    ann_threshold: int = Field(200_000, ge=1, description="with index_kind auto, larger galleries get HNSW")
+
+    # micro-batching of model inference
+    batch_window_ms: float = Field(2.0, ge=0, description="how long the model waits to gather more images")
+    max_batch: int | None = Field(None, ge=1, description="most images per forward pass (default: the "
+                                                          "checkpoint's eval batch size)")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+
+    # storage
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
+    page_size_max: int = Field(200, ge=1)
+
+    @field_validator("store_dir", "checkpoint")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return None if value is None else Path(value).expanduser().absolute()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.new_threshold > self.match_threshold:
+            raise ValueError(f"new_threshold {self.new_threshold} is above match_threshold {self.match_threshold}")
+        if self.default_top_k > self.max_top_k:
+            raise ValueError("default_top_k is above max_top_k")
+        return self
+
+    @property
+    def url(self) -> str:
+        return self.database_url or f"sqlite:///{self.store_dir / 'wildreid.db'}"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.store_dir / "images"
+
+    def to_env(self) -> dict[str, str]:
+        return {ENV_VAR: self.model_dump_json()}
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        raw = os.environ.get(ENV_VAR)
+        if not raw:
+            raise ConfigError(f"{ENV_VAR} is not set: start the server with `reid serve`")
+        return cls.model_validate_json(raw)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "Settings":
+        """Settings from a YAML or JSON file, with command-line values (not None) on top."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"settings file '{path}' not found")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ConfigError(f"settings file '{path}' must hold a mapping of setting: value")
+        return build_settings(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def build_settings(**values) -> Settings:
+    """Settings, with pydantic's complaints turned into one ConfigError a user can read."""
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid service settings: {problems}") from None
