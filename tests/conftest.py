@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from reid.config import load_config
@@ -34,6 +35,15 @@ def nyala_csv() -> Path:
     if not csv.exists():
         pytest.skip("../shared/data/nyala-dev is not present")
     return csv
+
+
+def clustered_embeddings(identities: int, per_identity: int, dim: int = 16, noise: float = 0.5,
+                         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors in clusters, one per identity, like re-ID embeddings; and the identity of each."""
+    rng = np.random.default_rng(seed)
+    ids = np.repeat(np.arange(identities), per_identity)
+    emb = rng.standard_normal((identities, dim))[ids] + noise * rng.standard_normal((len(ids), dim))
+    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32), ids
 
 
 def write_checkpoint(path: Path, *overrides: str, seed: int = 0) -> Path:

@@ -19,7 +19,7 @@ from reid.data.table import load_table
 from reid.embedding import Embedder, file_hash
 from reid.evaluation.evaluate import RerankOptions, evaluate
 from reid.index import GalleryIndex
-from tests.conftest import tiny_config
+from tests.conftest import clustered_embeddings, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,11 +76,7 @@ def test_a_query_never_scores_its_own_encounter_across_tables():
 
 
 def test_reranking_options_change_the_scores_not_the_protocol():
-    rng = np.random.default_rng(0)
-    centres = rng.standard_normal((10, 16))
-    ids = np.repeat(np.arange(10), 5)
-    emb = centres[ids] + 0.8 * rng.standard_normal((50, 16))
-    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    emb, ids = clustered_embeddings(10, 5, noise=0.8)
     table = pd.DataFrame({"path": [f"{i}.jpg" for i in range(50)], "identity": ids.astype(str)})
     plain, _ = evaluate(emb, table, emb, table, same_set=True)
     for options in (RerankOptions(qe=2), RerankOptions(dba=2), RerankOptions(k_reciprocal=True, k1=5, k2=2)):

@@ -7,6 +7,7 @@ import pytest
 from reid.evaluation.calibration import oof_thresholds
 from reid.evaluation.metrics import pair_auc, rank_queries
 from reid.evaluation.open_set import calibrate_thresholds, decide, open_set_metrics
+from tests.conftest import clustered_embeddings
 
 
 def test_open_set_metrics_by_hand():
@@ -54,11 +55,7 @@ def test_queries_without_a_visible_match_are_new():
 
 
 def test_oof_calibration_separates_known_from_new():
-    rng = np.random.default_rng(0)
-    centres = rng.standard_normal((30, 16))
-    ids = np.repeat(np.arange(30), 4)
-    emb = centres[ids] + 0.3 * rng.standard_normal((120, 16))
-    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    emb, ids = clustered_embeddings(30, 4, noise=0.3)
     t = oof_thresholds(emb, ids.astype(str), np.arange(120).astype(str), precision=0.9)
     assert t["new_queries"] == 120 and t["match_threshold"] >= t["new_threshold"]
     known = rank_queries(emb, ids, emb, ids, np.arange(120), np.arange(120), same_set=True)
