@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     from service.commands import register  # serve, keys: the service's own commands (imports stay lazy)
 
     COMMANDS.update(register(sub))
+    from reid.species.batch import add_identify_batch_parser
+
+    COMMANDS.update(add_identify_batch_parser(sub))
     return parser
 
 

@@ -30,25 +30,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reid.config import load_config  # noqa: E402
+from reid.train.checkpoint import save_untrained  # noqa: E402
 from reid.data.dataset import read_image  # noqa: E402
 from reid.data.synth import make_synthetic_dataset  # noqa: E402
 
 
 def write_checkpoint(path: Path, backbone: str, image_size: int, batch_size: int) -> Path:
     """An inference checkpoint of a random-init model (what a run's best.pt holds)."""
-    import torch
-
-    from reid.model.build import build_model, preprocessing
-
     cfg = load_config("cpu-small", [f"model.backbone={backbone}", "model.pretrained=false", "model.weights=null",
                                     f"data.image_size={image_size}", f"eval.batch_size={batch_size}",
                                     "data.num_workers=0"])
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    mean, std = preprocessing(model)
-    torch.save({"kind": "reid-checkpoint", "model": model.state_dict(), "config": cfg, "identities": [],
-                "preprocessing": {"image_size": image_size, "mean": list(mean), "std": list(std)}}, path)
-    return path
+    return save_untrained(path, cfg)
 
 
 def multipart(fields: dict, files: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:

@@ -48,19 +48,9 @@ def clustered_embeddings(identities: int, per_identity: int, dim: int = 16, nois
 
 def write_checkpoint(path: Path, *overrides: str, seed: int = 0) -> Path:
     """An inference checkpoint (what `best.pt` holds) of a random-init tiny model."""
-    import torch
+    from reid.train.checkpoint import save_untrained
 
-    from reid.model.build import build_model, preprocessing
-
-    cfg = tiny_config(*overrides)
-    torch.manual_seed(seed)
-    model = build_model(cfg).eval()
-    mean, std = preprocessing(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"kind": "reid-checkpoint", "model": model.state_dict(), "config": cfg, "identities": [],
-                "preprocessing": {"image_size": cfg["data"]["image_size"], "mean": list(mean), "std": list(std)}},
-               path)
-    return path
+    return save_untrained(path, tiny_config(*overrides), seed)
 
 
 @pytest.fixture(scope="session")

@@ -47,3 +47,21 @@ def load_matching(module: nn.Module, state: dict[str, torch.Tensor]) -> list[str
     skipped += [f"{name} (not in checkpoint: left as initialised)" for name in missing]
     module.load_state_dict(usable, strict=False)
     return skipped
+
+
+def save_untrained(path: str | Path, cfg: dict, seed: int = 0) -> Path:
+    """An inference checkpoint (what best.pt holds) of the config's model as built, untrained.
+
+    For benchmarks and tests, where speed or plumbing matters and weights do not; and to score a
+    pretrained backbone before any fine-tuning.
+    """
+    from reid.model.build import build_model, preprocessing
+    from reid.train.trainer import CHECKPOINT_KIND
+
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    mean, std = preprocessing(model)
+    save_torch(path, {"kind": CHECKPOINT_KIND, "model": model.state_dict(), "config": cfg, "identities": [],
+                      "preprocessing": {"image_size": cfg["data"]["image_size"], "mean": list(mean),
+                                        "std": list(std)}})
+    return Path(path)
