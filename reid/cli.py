@@ -83,12 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     index = sub.add_parser("index", help="FAISS gallery index of embeddings with each image's metadata")
     index_sub = index.add_subparsers(dest="index_command", required=True)
     build = index_sub.add_parser("build", help="build a gallery index from an embedding cache")
+    _add_config_args(build, default="default")
     build.add_argument("--embeddings", required=True, help="cache folder written by `reid embed`")
     build.add_argument("--out", required=True, help="index file to write (atomically)")
-    build.add_argument("--kind", default="auto", choices=["auto", *KIND_CHOICES],
-                       help="flat: exact; hnsw / ivfpq: approximate, for large galleries (auto: by size)")
-    build.add_argument("--ann-threshold", type=int, default=200_000,
-                       help="with --kind auto, galleries larger than this get an approximate index")
+    build.add_argument("--kind", choices=["auto", *KIND_CHOICES],
+                       help="flat: exact; hnsw / ivfpq: approximate, for large galleries "
+                            "(default: index.kind of the config; auto picks by index.ann_threshold)")
 
     evaluate = sub.add_parser("evaluate", help="retrieval metrics (mAP, CMC, mINP, open set) and a PNG report")
     _add_embed_args(evaluate)
@@ -261,12 +261,15 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
+    from reid.config import load_config
     from reid.embedding import EmbeddingCache
     from reid.index import build_gallery
 
     table, emb = EmbeddingCache(args.embeddings).load()
     metadata = table.rename(columns={"hash": "image_id"})
-    gallery = build_gallery(emb, metadata, kind=args.kind, ann_threshold=args.ann_threshold)
+    icfg = load_config(args.config, args.overrides)["index"]
+    gallery = build_gallery(emb, metadata, kind=args.kind or icfg["kind"], ann_threshold=icfg["ann_threshold"],
+                            hnsw_ef_search=icfg["hnsw_ef_search"], ivf_nprobe=icfg["ivf_nprobe"])
     gallery.save(args.out)
     print(f"{args.out}: {gallery.kind} index of {len(gallery)} vectors "
           f"({metadata['identity'].nunique() if 'identity' in metadata else 0} identities)")
