@@ -69,7 +69,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 64,
     },
     "index": {
-        "kind": "auto",             # auto: exact flat up to ann_threshold vectors, else hnsw
+        "kind": "auto",             # auto: exact flat up to ann_threshold vectors, else ivfpq
         "ann_threshold": 200_000,   # flat search of 200k x 512 takes ~100 ms a query on 2 cores
         "hnsw_ef_search": 128,
         "ivf_nprobe": 32,

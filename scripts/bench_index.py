@@ -1,6 +1,6 @@
 """Gallery search: exact (flat) against approximate (the ANN kind `auto` picks for large galleries).
 
-A clustered synthetic gallery stands in for re-ID embeddings: `n` unit vectors, ten noisy views
+A clustered synthetic gallery stands in for re-ID embeddings: `n` unit vectors, twenty noisy views
 around each individual's centre; queries are new views of random individuals. Both indexes are
 searched one query at a time, as the service does, and the ANN top-10 is compared with the exact
 top-10 (recall@10). Everything is measured in this one run.
@@ -25,17 +25,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reid.index import GalleryIndex, choose_kind  # noqa: E402
 
-VIEWS = 10
+VIEWS = 20
 
 
 def clustered(n: int, dim: int, rng: np.random.Generator, centres: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """`n` unit vectors around `centres` (made when not given), and the centres."""
+    """`n` unit vectors, VIEWS noisy views of each centre (centres made when not given, else drawn).
+
+    Every individual has VIEWS photos, so a query's true top-10 are photos of its own individual,
+    ordered by how alike the views are, as in a real gallery. With fewer views per individual the
+    top-10 would be padded with unrelated vectors of near-zero similarity, ties no index can keep.
+    """
     if centres is None:
         centres = rng.standard_normal((max(1, n // VIEWS), dim), dtype=np.float32)
+        owners = np.repeat(np.arange(len(centres)), VIEWS)[:n]
+    else:
+        owners = rng.integers(0, len(centres), n)
     x = np.empty((n, dim), dtype=np.float32)
     for start in range(0, n, 100_000):  # in blocks: the noise of a million rows at once doubles peak memory
         stop = min(start + 100_000, n)
-        x[start:stop] = centres[rng.integers(0, len(centres), stop - start)]
+        x[start:stop] = centres[owners[start:stop]]
         x[start:stop] += 0.6 * rng.standard_normal((stop - start, dim), dtype=np.float32)
     faiss.normalize_L2(x)
     return x, centres

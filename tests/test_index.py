@@ -79,4 +79,4 @@ def test_damaged_index_file_is_a_clear_error(tmp_path):
 
 def test_auto_kind_switches_to_ann_above_the_threshold():
     assert choose_kind("auto", 100, ann_threshold=1000) == "flat"
-    assert choose_kind("auto", 5000, ann_threshold=1000) == "hnsw"
+    assert choose_kind("auto", 5000, ann_threshold=1000) == "ivfpq"
