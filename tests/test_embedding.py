@@ -73,13 +73,14 @@ def test_cache_reuses_vectors_and_embeds_only_new_images(tmp_path, tiny_checkpoi
     table = load_table(synth_csv)
     embedder = Embedder.from_checkpoint(tiny_checkpoint)
     calls = []
-    original = embedder.embed_paths
-    embedder.embed_paths = lambda paths, **kw: calls.append(len(paths)) or original(paths, **kw)
+    original = embedder.iter_paths
+    embedder.iter_paths = lambda paths: calls.append(len(paths)) or original(paths)
     cache = EmbeddingCache(tmp_path / "cache")
 
     first = cache.update(embedder, table.iloc[:30], chunk_size=8, progress=False)
-    assert calls == [8, 8, 8, 6] and len(cache.chunk_files()) == 4
-    np.testing.assert_allclose(first, original(table["path"].iloc[:30].tolist()), atol=1e-6)
+    assert calls == [30] and len(cache.chunk_files()) == 4  # one loader; chunks of 8, 8, 8, 6
+    assert [len(np.load(p)["hashes"]) for p in cache.chunk_files()] == [8, 8, 8, 6]
+    np.testing.assert_allclose(first, embedder.embed_paths(table["path"].iloc[:30].tolist()), atol=1e-6)
 
     calls.clear()
     again = cache.update(embedder, table, chunk_size=8, progress=False)  # 30 cached, the rest new

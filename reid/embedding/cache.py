@@ -154,14 +154,22 @@ class EmbeddingCache:
                 todo.append(i)
         if todo:
             log(f"embedding {len(todo)} new images of {len(paths)} in chunks of {chunk_size} into {self.folder}")
-        next_chunk = self._next_chunk_number()
+        number = self._next_chunk_number()
         bar = tqdm(total=len(todo), desc="embedding", unit="img", disable=None if progress else True)
-        for n, start in enumerate(range(0, len(todo), chunk_size)):
-            rows = todo[start:start + chunk_size]
-            emb = embedder.embed_paths([paths[i] for i in rows])
-            self._write_chunk(next_chunk + n, embedder.fingerprint, emb, [hashes[i] for i in rows],
-                              [paths[i] for i in rows], sizes[rows], mtimes[rows])
-            bar.update(len(rows))
+        pending: list[np.ndarray] = []
+        done = 0
+        # one loader for the whole run: chunk boundaries do not stall decoding
+        for batch in embedder.iter_paths([paths[i] for i in todo]) if todo else ():
+            pending.append(batch)
+            bar.update(len(batch))
+            while sum(len(b) for b in pending) >= chunk_size or done + sum(len(b) for b in pending) == len(todo):
+                emb = np.concatenate(pending)
+                rows = todo[done:done + min(chunk_size, len(emb))]
+                self._write_chunk(number, embedder.fingerprint, emb[:len(rows)], [hashes[i] for i in rows],
+                                  [paths[i] for i in rows], sizes[rows], mtimes[rows])
+                pending, done, number = [emb[len(rows):]], done + len(rows), number + 1
+                if done == len(todo):
+                    break
         bar.close()
         write_text(self.folder / "table.csv", table.drop(columns=["row"], errors="ignore")
                    .assign(hash=hashes).to_csv(index=False))

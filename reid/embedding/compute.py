@@ -1,6 +1,8 @@
 """Embedding images with a model: batches from a DataLoader, flip views averaged."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,19 +24,29 @@ def embed_batch(model: torch.nn.Module, images: torch.Tensor, device: torch.devi
     return F.normalize(total, dim=1).cpu()
 
 
-@torch.no_grad()
-def compute_embeddings(model: torch.nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
-                       num_workers: int = 0, progress: bool = False, desc: str = "embedding",
-                       tta: str = "none") -> np.ndarray:
-    """L2-normalised float32 embeddings, one row per dataset item, in dataset order."""
+def iter_embeddings(model: torch.nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
+                    num_workers: int = 0, tta: str = "none") -> Iterator[torch.Tensor]:
+    """L2-normalised embeddings batch by batch, in dataset order, from one DataLoader: its workers
+    keep decoding the next batches while the model runs, however the caller groups the results."""
     was_training = model.training
     model.eval()
     # A private generator keeps the loader from drawing on the global RNG, which exact resume restores.
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda", generator=torch.Generator())
-    chunks = [embed_batch(model, images, device, tta)
-              for images, _labels, _index in tqdm(loader, desc=desc, disable=None if progress else True, leave=False)]
-    model.train(was_training)
+    try:
+        for images, _labels, _index in loader:
+            yield embed_batch(model, images, device, tta)
+    finally:
+        model.train(was_training)
+
+
+def compute_embeddings(model: torch.nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
+                       num_workers: int = 0, progress: bool = False, desc: str = "embedding",
+                       tta: str = "none") -> np.ndarray:
+    """L2-normalised float32 embeddings, one row per dataset item, in dataset order."""
+    batches = iter_embeddings(model, dataset, batch_size, device, num_workers, tta)
+    chunks = list(tqdm(batches, desc=desc, total=-(-len(dataset) // batch_size),
+                       disable=None if progress else True, leave=False))
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)
     return torch.cat(chunks).numpy()

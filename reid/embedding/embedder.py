@@ -9,14 +9,14 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from reid.data.dataset import ReIDDataset
 from reid.data.transforms import build_transforms
-from reid.embedding.compute import compute_embeddings, embed_batch
+from reid.embedding.compute import compute_embeddings, embed_batch, iter_embeddings
 from reid.embedding.tta import check_tta
 from reid.errors import ReidError
 from reid.model.build import ReIDModel, build_model
@@ -77,12 +77,20 @@ class Embedder:
         return {"weights_sha256": self.weights_hash, "image_size": self.image_size, "mean": list(self.mean),
                 "std": list(self.std), "tta": self.tta, "embedding_dim": self.embedding_dim}
 
+    def _dataset(self, paths: Sequence[str]) -> ReIDDataset:
+        return ReIDDataset(list(paths), np.zeros(len(paths), dtype=np.int64), self.transform)
+
     def embed_paths(self, paths: Sequence[str], progress: bool = False, desc: str = "embedding") -> np.ndarray:
         """(len(paths), dim) float32, L2-normalised; workers decode while the model runs."""
-        dataset = ReIDDataset(list(paths), np.zeros(len(paths), dtype=np.int64), self.transform)
-        emb = compute_embeddings(self.model, dataset, self.batch_size, self.device, self.num_workers,
+        emb = compute_embeddings(self.model, self._dataset(paths), self.batch_size, self.device, self.num_workers,
                                  progress=progress, desc=desc, tta=self.tta)
         return emb.reshape(len(paths), self.embedding_dim)
+
+    def iter_paths(self, paths: Sequence[str]) -> Iterator[np.ndarray]:
+        """Embeddings of `paths` batch by batch, in order, from one loader (for chunked writers)."""
+        for batch in iter_embeddings(self.model, self._dataset(paths), self.batch_size, self.device,
+                                     self.num_workers, self.tta):
+            yield batch.numpy()
 
     def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Embeddings of decoded RGB uint8 images (a service's uploads), in one batch."""
