@@ -31,16 +31,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reid.config import load_config  # noqa: E402
-from reid.train.checkpoint import save_untrained  # noqa: E402
-
-
-def write_checkpoint(path: Path, backbone: str, image_size: int, batch_size: int) -> Path:
-    """An inference checkpoint of a random-init model (what a run's best.pt holds)."""
-    cfg = load_config("cpu-small", [f"model.backbone={backbone}", "model.pretrained=false", "model.weights=null",
-                                    f"data.image_size={image_size}", f"eval.batch_size={batch_size}",
-                                    "data.num_workers=0"])
-    return save_untrained(path, cfg)
+from reid.train.checkpoint import save_random_backbone  # noqa: E402
 
 
 def speciesnet_from_truth(truth: pd.DataFrame, path: Path) -> Path:
@@ -85,7 +76,7 @@ def main() -> None:
         scenes = make_synthetic_scenes(work / "scenes", args.frames, args.individuals_per_species,
                                        frame_size=(width, height), progress=False)
         truth = pd.read_csv(scenes.ground_truth, keep_default_na=False)
-        checkpoint = Path(args.checkpoint) if args.checkpoint else write_checkpoint(
+        checkpoint = Path(args.checkpoint) if args.checkpoint else save_random_backbone(
             work / "model.pt", args.backbone, args.image_size, 64)
         animals = truth[truth["category"] == "animal"]
         species = sorted(set(animals["species"]))

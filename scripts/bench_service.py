@@ -29,18 +29,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reid.config import load_config  # noqa: E402
-from reid.train.checkpoint import save_untrained  # noqa: E402
+from reid.train.checkpoint import save_random_backbone  # noqa: E402
 from reid.data.dataset import read_image  # noqa: E402
 from reid.data.synth import make_synthetic_dataset  # noqa: E402
-
-
-def write_checkpoint(path: Path, backbone: str, image_size: int, batch_size: int) -> Path:
-    """An inference checkpoint of a random-init model (what a run's best.pt holds)."""
-    cfg = load_config("cpu-small", [f"model.backbone={backbone}", "model.pretrained=false", "model.weights=null",
-                                    f"data.image_size={image_size}", f"eval.batch_size={batch_size}",
-                                    "data.num_workers=0"])
-    return save_untrained(path, cfg)
 
 
 def multipart(fields: dict, files: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
@@ -164,7 +155,7 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        checkpoint = Path(args.checkpoint) if args.checkpoint else write_checkpoint(
+        checkpoint = Path(args.checkpoint) if args.checkpoint else save_random_backbone(
             tmp / "best.pt", args.backbone, args.image_size, args.batch_size)
         csv = make_synthetic_dataset(tmp / "photos", identities=args.identities, images_per_identity=4, seed=0,
                                      image_size=args.photo_size, progress=False)

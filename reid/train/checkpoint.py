@@ -49,6 +49,16 @@ def load_matching(module: nn.Module, state: dict[str, torch.Tensor]) -> list[str
     return skipped
 
 
+def save_random_backbone(path: str | Path, backbone: str, image_size: int, batch_size: int) -> Path:
+    """`save_untrained` of a random-init `backbone` on the cpu-small recipe: what benchmarks time."""
+    from reid.config import load_config
+
+    cfg = load_config("cpu-small", [f"model.backbone={backbone}", "model.pretrained=false", "model.weights=null",
+                                    f"data.image_size={image_size}", f"eval.batch_size={batch_size}",
+                                    "data.num_workers=0"])
+    return save_untrained(path, cfg)
+
+
 def save_untrained(path: str | Path, cfg: dict, seed: int = 0) -> Path:
     """An inference checkpoint (what best.pt holds) of the config's model as built, untrained.
 
