@@ -282,7 +282,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from reid.embedding import cached_embeddings
     from reid.evaluation.evaluate import evaluate
     from reid.io import write_json
-    from reid.train.checkpoint import load_checkpoint
 
     queries = load_table(args.data, root=args.root)
     gallery = load_table(args.gallery, root=args.root) if args.gallery else queries
@@ -294,9 +293,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     q_emb = cached_embeddings(embedder, queries, args.cache, args.chunk, progress)
     g_emb = cached_embeddings(embedder, gallery, args.cache, args.chunk, progress) if args.gallery else q_emb
     options = _rerank_options(args)
-    thresholds = load_checkpoint(args.checkpoint).get("calibration")
     metrics, results = evaluate(q_emb, queries, g_emb, gallery, same_set=not args.gallery, options=options,
-                                thresholds=thresholds)
+                                thresholds=embedder.thresholds)
     metrics.update(checkpoint=str(args.checkpoint), tta=args.tta, model=embedder.fingerprint)
     write_json(args.out, metrics)
     report = Path(args.out).with_suffix(".png")

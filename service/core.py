@@ -16,7 +16,6 @@ from starlette.concurrency import run_in_threadpool
 from reid.embedding.embedder import Embedder
 from reid.errors import ConfigError, ReidError
 from reid.evaluation.open_set import decide
-from reid.train.checkpoint import load_checkpoint
 from service.batching import MicroBatcher, ModelRunner
 from service.errors import Conflict, InvalidInput, NotFound
 from service.gallery import Galleries
@@ -37,12 +36,10 @@ class Prepared:
     tensors: list
 
 
-def load_thresholds(checkpoint: Path, settings: Settings) -> tuple[dict, str]:
+def load_thresholds(embedder: Embedder, settings: Settings) -> tuple[dict, str]:
     """The checkpoint's calibrated thresholds (from `reid calibrate`), else the settings' fallback."""
-    calibration = load_checkpoint(checkpoint).get("calibration")
-    if isinstance(calibration, dict) and {"match_threshold", "new_threshold"} <= calibration.keys():
-        return {"match_threshold": float(calibration["match_threshold"]),
-                "new_threshold": float(calibration["new_threshold"])}, "checkpoint"
+    if embedder.thresholds:
+        return dict(embedder.thresholds), "checkpoint"
     return {"match_threshold": settings.match_threshold, "new_threshold": settings.new_threshold}, "settings"
 
 
@@ -95,7 +92,7 @@ class Service:
         Image.MAX_IMAGE_PIXELS = settings.max_pixels
         settings.store_dir.mkdir(parents=True, exist_ok=True)
         embedder = Embedder.from_checkpoint(settings.checkpoint, tta=settings.tta, num_workers=0)
-        thresholds, source = load_thresholds(settings.checkpoint, settings)
+        thresholds, source = load_thresholds(embedder, settings)
         runner = ModelRunner(embedder)
         store = Store(settings.url, settings.sqlite_synchronous)
         batcher = MicroBatcher(runner.forward, settings.max_batch or embedder.batch_size,

@@ -19,6 +19,7 @@ from reid.data.transforms import build_transforms
 from reid.embedding.compute import compute_embeddings, embed_batch, iter_embeddings
 from reid.embedding.tta import check_tta
 from reid.errors import ReidError
+from reid.evaluation.open_set import stored_thresholds
 from reid.model.build import ReIDModel, build_model
 from reid.train.checkpoint import load_checkpoint
 
@@ -39,7 +40,8 @@ def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
 class Embedder:
     def __init__(self, model: ReIDModel, image_size: int, mean: Sequence[float], std: Sequence[float],
                  tta: str = "none", batch_size: int = 64, num_workers: int = 0,
-                 device: torch.device | None = None, weights_hash: str | None = None):
+                 device: torch.device | None = None, weights_hash: str | None = None,
+                 thresholds: dict | None = None):
         self.device = device or default_device()
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.image_size, self.mean, self.std = int(image_size), tuple(mean), tuple(std)
@@ -48,6 +50,7 @@ class Embedder:
         self.transform = build_transforms(self.image_size, self.mean, self.std, train=False, hflip=False)
         self.weights_hash = weights_hash or weights_fingerprint(model.state_dict())
         self.embedding_dim = int(model.neck[1].out_features)
+        self.thresholds = thresholds  # calibrated by `reid calibrate`, else None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, tta: str = "none", batch_size: int | None = None,
@@ -66,7 +69,7 @@ class Embedder:
         return cls(model, pre["image_size"], pre["mean"], pre["std"], tta,
                    batch_size or cfg["eval"]["batch_size"],
                    cfg["data"]["num_workers"] if num_workers is None else num_workers,
-                   device, weights_fingerprint(state["model"]))
+                   device, weights_fingerprint(state["model"]), stored_thresholds(state.get("calibration")))
 
     @property
     def fingerprint(self) -> str:

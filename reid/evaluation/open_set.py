@@ -61,6 +61,14 @@ def calibrate_thresholds(top_scores: np.ndarray, top_correct: np.ndarray, known:
             "queries": int(scores.size), "new_queries": int(is_new.sum())}
 
 
+def stored_thresholds(calibration) -> dict | None:
+    """The match / new thresholds of a checkpoint's `calibration` entry, or None when it has none."""
+    if isinstance(calibration, dict) and {"match_threshold", "new_threshold"} <= calibration.keys():
+        return {"match_threshold": float(calibration["match_threshold"]),
+                "new_threshold": float(calibration["new_threshold"])}
+    return None
+
+
 def decide(score: float, thresholds: dict) -> str:
     """`match`, `new` or `uncertain` for a best score."""
     if score >= thresholds["match_threshold"]:

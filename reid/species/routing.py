@@ -170,7 +170,8 @@ class Router:
 
         A route that sets only one of the two takes the other from the checkpoint or the defaults."""
         if route.species not in self._thresholds:
-            base, source = self._calibration(route.checkpoint)
+            calibrated = self.embedder(route).thresholds
+            base, source = (dict(calibrated), "checkpoint") if calibrated else (dict(DEFAULT_THRESHOLDS), "default")
             own = {k: v for k, v in (("match_threshold", route.match_threshold),
                                      ("new_threshold", route.new_threshold)) if v is not None}
             thresholds = {**base, **own}
@@ -182,13 +183,3 @@ class Router:
                                   f"{thresholds['match_threshold']} ({source})")
             self._thresholds[route.species] = thresholds, source
         return self._thresholds[route.species]
-
-    @staticmethod
-    def _calibration(checkpoint: Path) -> tuple[dict, str]:
-        from reid.train.checkpoint import load_checkpoint
-
-        calibration = load_checkpoint(checkpoint).get("calibration")
-        if isinstance(calibration, dict) and {"match_threshold", "new_threshold"} <= calibration.keys():
-            return {"match_threshold": float(calibration["match_threshold"]),
-                    "new_threshold": float(calibration["new_threshold"])}, "checkpoint"
-        return dict(DEFAULT_THRESHOLDS), "default"
