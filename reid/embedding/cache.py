@@ -156,20 +156,18 @@ class EmbeddingCache:
             log(f"embedding {len(todo)} new images of {len(paths)} in chunks of {chunk_size} into {self.folder}")
         number = self._next_chunk_number()
         bar = tqdm(total=len(todo), desc="embedding", unit="img", disable=None if progress else True)
-        pending: list[np.ndarray] = []
+        pending = np.zeros((0, embedder.embedding_dim), np.float32)
         done = 0
         # one loader for the whole run: chunk boundaries do not stall decoding
         for batch in embedder.iter_paths([paths[i] for i in todo]) if todo else ():
-            pending.append(batch)
+            pending = np.concatenate([pending, batch])
             bar.update(len(batch))
-            while sum(len(b) for b in pending) >= chunk_size or done + sum(len(b) for b in pending) == len(todo):
-                emb = np.concatenate(pending)
-                rows = todo[done:done + min(chunk_size, len(emb))]
-                self._write_chunk(number, embedder.fingerprint, emb[:len(rows)], [hashes[i] for i in rows],
+            # a full chunk, or the last rows of the run
+            while len(pending) >= chunk_size or (len(pending) and done + len(pending) == len(todo)):
+                rows = todo[done:done + min(chunk_size, len(pending))]
+                self._write_chunk(number, embedder.fingerprint, pending[:len(rows)], [hashes[i] for i in rows],
                                   [paths[i] for i in rows], sizes[rows], mtimes[rows])
-                pending, done, number = [emb[len(rows):]], done + len(rows), number + 1
-                if done == len(todo):
-                    break
+                pending, done, number = pending[len(rows):], done + len(rows), number + 1
         bar.close()
         write_text(self.folder / "table.csv", table.drop(columns=["row"], errors="ignore")
                    .assign(hash=hashes).to_csv(index=False))
