@@ -27,7 +27,13 @@ def register(subparsers) -> dict:
     """Add `serve` and `keys` to an argparse sub-parsers object; return {command name: function}."""
     serve = subparsers.add_parser("serve", help="run the identification web service (FastAPI + uvicorn)")
     _add_store_args(serve)
-    serve.add_argument("--checkpoint", required=True, help="training checkpoint (best.pt) that embeds the photos")
+    serve.add_argument("--checkpoint", help="training checkpoint (best.pt) that embeds the photos of every species "
+                                            "(of those --routes does not name)")
+    serve.add_argument("--routes", help="routes file: a re-ID checkpoint per species (see reid/species/routing.py)")
+    serve.add_argument("--detector", help="MegaDetector v6 weights (.pt): find the animals of full camera-trap "
+                                          "frames (needs wildreid[detector])")
+    serve.add_argument("--species-classifier", help="species.pt of `reid train-species`: tell each animal's species "
+                                                    "when a request does not")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each loads the model)")
@@ -55,6 +61,8 @@ def _settings(args: argparse.Namespace):
     from service.settings import build_settings, Settings
 
     values = {"store_dir": args.store, "checkpoint": getattr(args, "checkpoint", None),
+              "routes": getattr(args, "routes", None), "detector": getattr(args, "detector", None),
+              "species_classifier": getattr(args, "species_classifier", None),
               "database_url": args.database_url, "tta": getattr(args, "tta", None),
               "require_key_for_reads": getattr(args, "require_key_for_reads", None)}
     if getattr(args, "settings", None):
@@ -92,19 +100,36 @@ def cmd_keys(args: argparse.Namespace) -> None:
         store.close()
 
 
+def check_models(settings) -> None:
+    """Clear errors now, rather than a traceback in each worker: every file the models need is there and is
+    what it should be (the networks themselves load in the workers)."""
+    from reid.species.routing import Router
+    from reid.train.checkpoint import load_checkpoint
+
+    if settings.checkpoint is None and settings.routes is None:
+        raise ReidError("serve needs a re-ID model: --checkpoint CKPT (every species), --routes FILE (a checkpoint "
+                        "per species), or both")
+    checkpoints = [settings.checkpoint] if settings.checkpoint else []
+    if settings.routes:
+        checkpoints += [route.checkpoint for route in Router.from_file(settings.routes).routes.values()]
+    for checkpoint in dict.fromkeys(checkpoints):
+        state = load_checkpoint(checkpoint)
+        if not isinstance(state, dict) or not {"model", "config", "preprocessing"} <= state.keys():
+            raise ReidError(f"'{checkpoint}' is not a reid training checkpoint; use the best.pt of a run")
+    for name, path in (("--detector", settings.detector), ("--species-classifier", settings.species_classifier)):
+        if path is not None and not path.is_file():
+            raise ReidError(f"{name}: file '{path}' not found")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from reid.train.checkpoint import load_checkpoint
     from service.store import Store
 
     settings = _settings(args)
     if args.workers < 1:
         raise ReidError("--workers must be at least 1")
-    state = load_checkpoint(settings.checkpoint)  # a clear error now rather than a traceback in each worker
-    if not isinstance(state, dict) or not {"model", "config", "preprocessing"} <= state.keys():
-        raise ReidError(f"'{settings.checkpoint}' is not a reid training checkpoint; use the best.pt of a run")
-    del state
+    check_models(settings)
     settings.store_dir.mkdir(parents=True, exist_ok=True)
     Store(settings.url, settings.sqlite_synchronous).close()  # schema created once, before the workers start
     os.environ.update(settings.to_env())

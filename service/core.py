@@ -1,65 +1,32 @@
-"""The running service: store, model, micro-batcher and galleries, opened once by the app's lifespan.
+"""The running service: store, models, galleries and the request flows, opened once by the app's lifespan.
 
 Routers stay thin: they validate the request and call these methods. Blocking work (decoding,
-database, FAISS) runs in the threadpool; model inference runs in the batcher's thread.
+detection, database, FAISS) runs in the threadpool; model inference runs in the batchers' threads.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from reid.embedding.embedder import Embedder
-from reid.errors import ConfigError, ReidError
+from reid.errors import ReidError
 from reid.evaluation.open_set import decide
-from service.batching import MicroBatcher, ModelRunner
+from reid.species.detector import detection_rows
+from reid.species.speciesnet import UNKNOWN
 from service.errors import Conflict, InvalidInput, NotFound
 from service.gallery import Galleries
-from service.images import Upload, crop, decode_upload, parse_bbox, read_upload, store_file
+from service.images import decode_upload, parse_bbox, read_upload, store_file
 from service.metrics import Metrics
+from service.models import Models, SpeciesModel
+from service.pipeline import (Animal, Found, View, detected_animals, enrollable, given_animals, parse_detections,
+                              plan_bboxes)
 from service.settings import Settings
 from service.store import NewImage, Store
 
 log = logging.getLogger("wildreid.service")
-
-
-@dataclass
-class Prepared:
-    """The uploads of one request, decoded, and the model inputs cut from them."""
-    uploads: list[Upload]
-    bboxes: list[tuple[float, float, float, float] | None]  # one per model input
-    sources: list[int]  # the upload each model input was cut from
-    tensors: list
-
-
-def load_thresholds(embedder: Embedder, settings: Settings) -> tuple[dict, str]:
-    """The checkpoint's calibrated thresholds (from `reid calibrate`), else the settings' fallback."""
-    if embedder.thresholds:
-        return dict(embedder.thresholds), "checkpoint"
-    return {"match_threshold": settings.match_threshold, "new_threshold": settings.new_threshold}, "settings"
-
-
-def plan_bboxes(texts: list[str], n_images: int, multi_animal: bool) -> list[list[tuple[int, tuple | None]]]:
-    """Animals, each a list of (image index, bbox or None) to embed and fuse.
-
-    No bbox: every image whole, one animal. One bbox: applied to every image. One per image: each
-    image its own. Several bboxes for a single image (identify only): one animal per bbox.
-    """
-    boxes = [parse_bbox(text, i) for i, text in enumerate(texts)]
-    if not boxes:
-        return [[(i, None) for i in range(n_images)]]
-    if len(boxes) == 1:
-        return [[(i, boxes[0]) for i in range(n_images)]]
-    if len(boxes) == n_images:
-        return [[(i, box) for i, box in enumerate(boxes)]]
-    if n_images == 1 and multi_animal:
-        return [[(0, box)] for box in boxes]
-    raise InvalidInput(f"{len(boxes)} bboxes for {n_images} images: give none, one for every image, or one per "
-                       "image" + (" (or several for a single image)" if multi_animal else ""), code="invalid_bbox")
 
 
 def _score(value: float) -> float:
@@ -68,47 +35,35 @@ def _score(value: float) -> float:
 
 
 class Service:
-    def __init__(self, settings: Settings, store: Store, runner: ModelRunner, batcher: MicroBatcher,
-                 galleries: Galleries, thresholds: dict, threshold_source: str, metrics: Metrics):
-        self.settings, self.store, self.runner, self.batcher = settings, store, runner, batcher
-        self.galleries, self.thresholds, self.threshold_source = galleries, thresholds, threshold_source
+    def __init__(self, settings: Settings, store: Store, models: Models, galleries: Galleries, metrics: Metrics):
+        self.settings, self.store, self.models, self.galleries = settings, store, models, galleries
         self.metrics = metrics
-        self.warnings: list[str] = []
+        self.crops = models.crop_settings
+        self.warnings: list[str] = models.uncalibrated()
         self._cache: dict = {"seq": None}
-        if threshold_source == "settings":
-            self.warnings.append("the checkpoint holds no calibration (run `reid calibrate`): decisions use the "
-                                 f"settings' thresholds match >= {thresholds['match_threshold']}, "
-                                 f"new < {thresholds['new_threshold']}")
 
     # ------------------------------------------------------------------ life cycle
     @classmethod
     def open(cls, settings: Settings, metrics: Metrics) -> "Service":
         import torch
 
-        if settings.checkpoint is None:
-            raise ConfigError("the service needs a checkpoint (settings.checkpoint / --checkpoint)")
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         Image.MAX_IMAGE_PIXELS = settings.max_pixels
         settings.store_dir.mkdir(parents=True, exist_ok=True)
-        embedder = Embedder.from_checkpoint(settings.checkpoint, tta=settings.tta, num_workers=0)
-        thresholds, source = load_thresholds(embedder, settings)
-        runner = ModelRunner(embedder)
+        models = Models(settings, metrics)
         store = Store(settings.url, settings.sqlite_synchronous)
-        batcher = MicroBatcher(runner.forward, settings.max_batch or embedder.batch_size,
-                               settings.batch_window_ms / 1000, observe=metrics.observe_batch)
-        galleries = Galleries(store, runner.dim, runner.fingerprint, settings.index_kind, settings.ann_threshold)
-        service = cls(settings, store, runner, batcher, galleries, thresholds, source, metrics)
+        galleries = Galleries(store, models.layout, settings.index_kind, settings.ann_threshold)
+        service = cls(settings, store, models, galleries, metrics)
         service.remove_stale_temporary_files()
         service.reembed_stale()
         galleries.rebuild()
-        batcher.start()
-        log.info("wildreid service ready: model %s, galleries %s, thresholds from %s", runner.fingerprint,
-                 galleries.sizes(), source)
+        models.start()
+        log.info("wildreid service ready: models %s, galleries %s", models.describe()["models"], galleries.sizes())
         return service
 
     def close(self) -> None:
-        self.batcher.close()
+        self.models.close()
         self.store.close()
 
     def remove_stale_temporary_files(self, older_than_s: float = 600.0) -> int:
@@ -126,68 +81,67 @@ class Service:
         return removed
 
     def reembed_stale(self) -> int:
-        """Embed again, from their stored files, the images a previous checkpoint embedded."""
+        """Embed again, from their stored files and boxes, the images another model (or crop shape) embedded."""
         done = 0
-        while True:
-            rows = self.store.stale_images(self.runner.fingerprint)
-            if not rows:
-                break
-            vectors = {}
-            for row in rows:
-                try:
-                    data = (self.settings.store_dir / row["path"]).read_bytes()
-                    upload = decode_upload(data, 0, row["path"], self.settings.max_pixels,
-                                           self.settings.allowed_formats, self._draft)
-                except (OSError, ReidError) as exc:
-                    raise ReidError(f"cannot embed stored image {row['id']} ({row['path']}) with the new model: "
-                                    f"{exc}") from None
-                array = crop(upload.array, parse_bbox(row["bbox"])) if row["bbox"] else upload.array
-                vectors[row["id"]] = self.runner.forward([self.runner.preprocess(array)])[0]
-            self.store.set_embeddings(vectors, self.runner.fingerprint)
-            done += len(vectors)
+        for species in self.store.all_species():
+            model = self.models.model(species)
+            if model is None:
+                continue  # kept as they are: searchable again once a model serves the species
+            network = model.network
+            while rows := self.store.stale_images(species, network.stamp):
+                vectors = {}
+                for row in rows:
+                    try:
+                        data = (self.settings.store_dir / row["path"]).read_bytes()
+                        upload = decode_upload(data, 0, row["path"], self.settings.max_pixels,
+                                               self.settings.allowed_formats, 2 * network.runner.image_size)
+                    except (OSError, ReidError) as exc:
+                        raise ReidError(f"cannot embed stored image {row['id']} ({row['path']}) with the new model: "
+                                        f"{exc}") from None
+                    box = parse_bbox(row["bbox"]) if row["bbox"] else None
+                    array = self.crops.cut(upload.array, box) if box else upload.array
+                    vectors[row["id"]] = network.runner.forward([network.runner.preprocess(array)])[0]
+                self.store.set_embeddings(vectors, network.stamp)
+                done += len(vectors)
         if done:
-            log.warning("embedded %d stored images again with model %s", done, self.runner.fingerprint)
+            log.warning("embedded %d stored images again with the current models", done)
         return done
 
-    @property
-    def _draft(self) -> int:
-        return 2 * self.runner.image_size
-
-    # ------------------------------------------------------------------ uploads
-    async def prepare(self, files: list, bbox_texts: list[str], multi_animal: bool) -> tuple[Prepared, list]:
-        """Read, decode, crop and preprocess a request's uploads; the animals as lists of input indices."""
+    # ------------------------------------------------------------------ photos to animals
+    async def find(self, files: list, bbox_texts: list[str], detection_texts: list[str], multi_animal: bool) -> Found:
+        """Read and decode a request's photos and find its animals (given boxes, detections, or whole photos)."""
         limit = self.settings.max_images_per_request
         if len(files) > limit:
             raise InvalidInput(f"{len(files)} images in one request; the limit is {limit}", code="too_many_images")
         if len(bbox_texts) > limit:
             raise InvalidInput(f"{len(bbox_texts)} bboxes in one request; the limit is {limit}", code="invalid_bbox")
-        plan = plan_bboxes(bbox_texts, len(files), multi_animal)
+        if bbox_texts and detection_texts:
+            raise InvalidInput("give either 'bbox' or 'detections', not both", code="invalid_detections")
+        plan = plan_bboxes(bbox_texts, len(files), multi_animal) if bbox_texts else None
+        tables = parse_detections(detection_texts, len(files))
         datas = [await read_upload(f, i, self.settings.max_upload_bytes) for i, f in enumerate(files)]
         names = [f.filename for f in files]
-        with self.batcher.incoming():
-            prepared = await run_in_threadpool(self._decode, datas, names, plan)
-        animals, position = [], 0
-        for animal in plan:
-            animals.append(list(range(position, position + len(animal))))
-            position += len(animal)
-        return prepared, animals
+        with self.models.incoming():
+            return await run_in_threadpool(self._find, datas, names, plan, tables, multi_animal)
 
-    def _decode(self, datas: list[bytes], names: list, plan: list) -> Prepared:
-        uploads = [decode_upload(data, i, name, self.settings.max_pixels, self.settings.allowed_formats, self._draft)
+    def _find(self, datas: list[bytes], names: list, plan: list | None, tables: list | None,
+              multi_animal: bool) -> Found:
+        draft = 2 * max(n.runner.image_size for n in self.models.networks.values())
+        uploads = [decode_upload(data, i, name, self.settings.max_pixels, self.settings.allowed_formats, draft)
                    for i, (data, name) in enumerate(zip(datas, names))]
-        bboxes, sources, tensors = [], [], []
-        for animal in plan:
-            for index, box in animal:
-                array = crop(uploads[index].array, box) if box else uploads[index].array
-                bboxes.append(box)
-                sources.append(index)
-                tensors.append(self.runner.preprocess(array))
-        return Prepared(uploads, bboxes, sources, tensors)
+        detector, source = self.models.detector, "detections"
+        if plan is None and tables is None and detector is not None:
+            tables = [detection_rows(str(i), detector.detect(u.array)) for i, u in enumerate(uploads)]
+            source = detector.name
+        if tables is None:
+            animals, photos = given_animals(uploads, plan or plan_bboxes([], len(uploads), multi_animal), self.crops)
+        else:
+            animals, photos = detected_animals(uploads, tables, self.crops, source, fuse=multi_animal)
+            if not multi_animal:
+                animals = enrollable(animals, photos)
+        return Found(uploads, animals, photos)
 
-    async def embed(self, prepared: Prepared) -> np.ndarray:
-        return await self.batcher.embed(prepared.tensors)
-
-    # ------------------------------------------------------------------ identify
+    # ------------------------------------------------------------------ species
     def _cached(self) -> dict:
         """Species lists and individual names as of the galleries' change sequence (reread when it moves)."""
         self.galleries.sync()
@@ -198,71 +152,145 @@ class Service:
             self._cache = cache
         return cache
 
-    def resolve_species(self, species: str | None) -> str:
+    def check_species(self, species: str) -> None:
+        """404 for a species that no model serves by name and that was never enrolled."""
         cache = self._cached()
-        active = cache["active"]
-        if species is not None:
-            if species not in active and species not in cache["all"]:
-                known = ", ".join(active) or "none yet"
-                raise NotFound(f"unknown species '{species}': no individual of it was ever enrolled (species in "
-                               f"this store: {known})", code="unknown_species")
-            return species
+        if species not in cache["all"] and species not in self.models.routes:
+            known = ", ".join(sorted(set(cache["active"]) | set(self.models.routes))) or "none yet"
+            raise NotFound(f"unknown species '{species}': no individual of it was ever enrolled and no route names it "
+                           f"(species of this service: {known})", code="unknown_species")
+
+    def store_species(self) -> str:
+        """The one species of the store, when a request names none and no classifier can tell."""
+        active = self._cached()["active"]
         if not active:
             raise Conflict("the gallery is empty: enroll individuals (POST /v1/individuals) before identifying",
                            code="empty_gallery")
         if len(active) > 1:
             raise InvalidInput(f"this store holds several species ({', '.join(active)}): say which one in the "
-                               "'species' field", code="species_required")
+                               "'species' field" + ("" if self.models.classifier else " (or run the service with a "
+                                                    "species classifier)"), code="species_required")
         return active[0]
 
-    def search(self, species: str, vectors: np.ndarray, animals: list[list[int]], top_k: int) -> list[dict]:
+    async def assign_species(self, found: Found, requested: str | None) -> None:
+        """Each animal's species: the request's, else the classifier's (fused over its views), else the store's."""
+        animals = found.animals
+        if not animals:
+            return
+        if requested is not None:
+            for animal in animals:
+                animal.species, animal.species_source = requested, "request"
+            return
+        classifier = self.models.classifier
+        if classifier is None:
+            species = await run_in_threadpool(self.store_species)
+            for animal in animals:
+                animal.species, animal.species_source = species, "store"
+            return
+        crops = [classifier.classifier.cut(found.uploads[v.image].array, v.box) for a in animals for v in a.views]
+        probabilities = await classifier.probabilities(crops)
+        start = 0
+        for animal in animals:
+            fused = probabilities[start:start + len(animal.views)].mean(axis=0, keepdims=True)
+            start += len(animal.views)
+            names, scores = classifier.classifier.decide(fused)
+            animal.species, animal.species_score, animal.species_source = names[0], float(scores[0]), "classifier"
+
+    def require_model(self, species: str) -> SpeciesModel:
+        model = self.models.model(species)
+        if model is None:
+            served = ", ".join(self.models.routes) or "none"
+            raise Conflict(f"no re-ID model serves species '{species}' (the routes name {served}): its individuals "
+                           "cannot be enrolled or identified", code="no_reid_model")
+        return model
+
+    # ------------------------------------------------------------------ embedding
+    async def embed(self, model: SpeciesModel, views: list[View]) -> np.ndarray:
+        """Embeddings of views by a species' network (preprocessed in the threadpool, batched across requests)."""
+        runner = model.network.runner
+        with model.network.batcher.incoming():
+            tensors = await run_in_threadpool(lambda: [runner.preprocess(v.crop) for v in views])
+        return await model.network.batcher.embed(tensors)
+
+    def identifiable(self, animal: Animal) -> SpeciesModel | None:
+        """The model that identifies an animal, None when it gets a species-only answer."""
+        if animal.too_small or animal.species in (None, UNKNOWN):
+            return None
+        return self.models.model(animal.species)
+
+    def species_only_reason(self, animal: Animal) -> str | None:
+        if animal.too_small:
+            return f"its box is under {self.crops.min_size} px: too small to re-identify"
+        if animal.species == UNKNOWN:
+            return "the species classifier is not confident of its species"
+        if self.models.model(animal.species) is None:
+            return f"no re-ID model serves species '{animal.species}'"
+        return None
+
+    async def embed_individual(self, species: str, files: list, bbox_texts: list[str],
+                               detection_texts: list[str]) -> tuple[Found, list[View], np.ndarray, SpeciesModel]:
+        """The photos of one individual to store: each shows it once (404/409/422 otherwise), embedded by
+        its species' model."""
+        model = self.require_model(species)
+        found = await self.find(files, bbox_texts, detection_texts, multi_animal=False)
+        views = [view for animal in found.animals for view in animal.views]
+        return found, views, await self.embed(model, views), model
+
+    # ------------------------------------------------------------------ identify
+    def search(self, animals: list[tuple[Animal, SpeciesModel, np.ndarray]], top_k: int) -> list[dict]:
+        """Each animal's fused query searched in its species' gallery: candidates and decision."""
         cache = self._cached()  # brings the galleries up to date first
         results = []
-        for members in animals:
-            query = vectors[members].mean(axis=0)
+        for animal, model, vectors in animals:
+            query = vectors.mean(axis=0)
             norm = float(np.linalg.norm(query))
             query = (query / norm if norm > 0 else query).astype(np.float32)
-            matches = self.galleries.search(species, query, top_k)
-            results.append(matches)
+            results.append(self.galleries.search(animal.species, query, top_k))
         wanted = {m.individual_id for matches in results for m in matches}
         missing = wanted - cache["names"].keys()
         if missing:
             cache["names"].update(self.store.names(missing))
-        names = cache["names"]
+        names, sizes = cache["names"], self.galleries.sizes()
         out = []
-        for members, matches in zip(animals, results):
+        for (animal, model, _), matches in zip(animals, results):
             best = _score(matches[0].score) if matches else None
-            decision = decide(best, self.thresholds) if best is not None else "new"
+            decision = decide(best, model.thresholds) if best is not None else "new"
             self.metrics.decisions.labels(decision).inc()
-            out.append({"members": members, "decision": decision, "best_score": best, "candidates": [
-                {"rank": rank, "individual_id": m.individual_id, "name": names.get(m.individual_id, ""),
-                 "score": _score(m.score), "images": [{"image_id": i, "score": _score(s)} for i, s in m.images]}
-                for rank, m in enumerate(matches, 1)]})
+            out.append({"decision": decision, "best_score": best, "model": model.network.stamp,
+                        "gallery_size": sizes.get(animal.species, 0),
+                        "thresholds": {**model.thresholds, "source": model.threshold_source},
+                        "candidates": [
+                            {"rank": rank, "individual_id": m.individual_id, "name": names.get(m.individual_id, ""),
+                             "score": _score(m.score), "images": [{"image_id": i, "score": _score(s)} for i, s in m.images]}
+                            for rank, m in enumerate(matches, 1)]})
         return out
 
     # ------------------------------------------------------------------ writes
-    def new_images(self, prepared: Prepared, vectors: np.ndarray) -> list[NewImage]:
+    def new_images(self, found: Found, views: list[View], vectors: np.ndarray) -> list[NewImage]:
         """Store the files (content-addressed, atomic) and describe the rows to insert."""
         out = []
-        for upload, box, vector in zip((prepared.uploads[i] for i in prepared.sources), prepared.bboxes, vectors):
+        for view, vector in zip(views, vectors):
+            upload = found.uploads[view.image]
             path = store_file(self.settings.store_dir, upload)
             out.append(NewImage(upload.sha256, path, upload.media_type, upload.width, upload.height,
                                 len(upload.data), vector, upload.filename,
-                                ",".join(f"{v:.6g}" for v in box) if box else None))
+                                ",".join(f"{v:.6g}" for v in view.box) if view.box else None))
         return out
 
-    def enroll(self, name: str, species: str, prepared: Prepared, vectors: np.ndarray, key_name: str | None,
-               notes: str, observed_at: str | None, location: str | None) -> dict:
-        rows = self.new_images(prepared, vectors)
-        result = self.store.enroll(name, species, rows, self.runner.fingerprint, key_name, notes, observed_at, location)
+    def enroll(self, name: str, species: str, found: Found, views: list[View], vectors: np.ndarray,
+               model: SpeciesModel, key_name: str | None, notes: str, observed_at: str | None,
+               location: str | None) -> dict:
+        rows = self.new_images(found, views, vectors)
+        result = self.store.enroll(name, species, rows, model.network.stamp, key_name, notes, observed_at, location)
         self.galleries.sync()
         return result
 
-    def add_sighting(self, individual_id: int, prepared: Prepared, vectors: np.ndarray, key_name: str | None,
-                     notes: str, observed_at: str | None, location: str | None) -> dict:
+    def add_sighting(self, individual_id: int, found: Found, views: list[View], vectors: np.ndarray,
+                     model: SpeciesModel, key_name: str | None, notes: str, observed_at: str | None,
+                     location: str | None) -> dict:
         self.store.require_live(individual_id, "add images to")  # 404 / 409 before any file is written
-        rows = self.new_images(prepared, vectors)
-        result = self.store.add_sighting(individual_id, rows, self.runner.fingerprint, key_name, notes, observed_at,
+        rows = self.new_images(found, views, vectors)
+        result = self.store.add_sighting(individual_id, rows, model.network.stamp, key_name, notes, observed_at,
                                          location)
         self.galleries.sync()
         return result

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -81,21 +82,28 @@ class SpeciesGallery:
             k = min(size, k * 4)
 
 
+Layout = Callable[[str], "tuple[str, int] | None"]  # species -> (vector stamp, dimension), None: no model
+
+
 class Galleries:
-    def __init__(self, store: Store, dim: int, model: str, kind: str = "flat", ann_threshold: int = 200_000):
-        self.store, self.dim, self.model = store, dim, model
+    """`layout(species)` says which model's vectors a species' gallery holds (service/models.py)."""
+
+    def __init__(self, store: Store, layout: Layout, kind: str = "flat", ann_threshold: int = 200_000):
+        self.store, self.layout = store, layout
         self.kind, self.ann_threshold = kind, ann_threshold
         self.by_species: dict[str, SpeciesGallery] = {}
         self.seq = -1
-        self.foreign = 0  # rows embedded by another model (another instance's checkpoint): not searchable here
+        # rows embedded by another model (another instance's checkpoint) or of a species no model serves
+        self.foreign = 0
         self.lock = threading.RLock()
 
-    def _new(self, size: int) -> SpeciesGallery:
+    def _new(self, species: str, size: int) -> SpeciesGallery:
         kind = choose_kind("auto", size, self.ann_threshold) if self.kind == "auto" else self.kind
-        return SpeciesGallery(self.dim, kind)
+        return SpeciesGallery(self.layout(species)[1], kind)
 
     def _usable(self, row: GalleryRow) -> bool:
-        if row.embedding_model != self.model:
+        layout = self.layout(row.species)
+        if layout is None or row.embedding_model != layout[0]:
             self.foreign += 1
             return False
         return True
@@ -110,7 +118,7 @@ class Galleries:
                 grouped.setdefault(row.species, []).append(row)
         fresh = {}
         for species, species_rows in grouped.items():
-            gallery = self._new(len(species_rows))
+            gallery = self._new(species, len(species_rows))
             gallery.add(species_rows)
             fresh[species] = gallery
         with self.lock:
@@ -133,7 +141,10 @@ class Galleries:
             for species, species_rows in by_species.items():
                 gallery = self.by_species.get(species)
                 if gallery is None:
-                    gallery = self.by_species[species] = self._new(len(species_rows))
+                    if self.layout(species) is None:
+                        self.foreign += sum(r.visible for r in species_rows)
+                        continue
+                    gallery = self.by_species[species] = self._new(species, len(species_rows))
                 gallery.remove([r.image_id for r in species_rows])
                 gallery.add([r for r in species_rows if r.visible and self._usable(r)])
             self.seq = seq

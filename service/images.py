@@ -130,14 +130,6 @@ def parse_bbox(text: str, index: int = 0) -> tuple[float, float, float, float]:
     return x, y, w, h
 
 
-def crop(array: np.ndarray, bbox: tuple[float, float, float, float]) -> np.ndarray:
-    height, width = array.shape[:2]
-    x, y, w, h = bbox
-    left, top = min(width - 1, int(round(x * width))), min(height - 1, int(round(y * height)))
-    right, bottom = max(left + 1, int(round((x + w) * width))), max(top + 1, int(round((y + h) * height)))
-    return np.ascontiguousarray(array[top:min(bottom, height), left:min(right, width)])  # at least 1 x 1
-
-
 def store_file(store_dir: Path, upload: Upload) -> str:
     """Write the upload under its content address (once); return its path relative to the store."""
     path = store_dir / upload.relpath

@@ -45,6 +45,8 @@ class IdentifyForm(Strict):
     top_k: int | None = Field(None, ge=1, description="candidate individuals to return")
     bbox: list[str] = Field(default_factory=list, description="x,y,w,h normalised to 0..1: one for every photo, "
                                                               "one per photo, or several for a single photo")
+    detections: list[str] = Field(default_factory=list, description="one per image: the 'detections' list MegaDetector "
+                                                                    "wrote for it (JSON), instead of a bbox")
 
     @field_validator("species")
     @classmethod
@@ -61,7 +63,9 @@ class EnrollForm(Strict):
                                                                      "ISO 8601 advised)")
     location: str | None = Field(None, max_length=200)
     bbox: list[str] = Field(default_factory=list, description="x,y,w,h normalised: one for every photo or one per "
-                                                              "photo (default: the whole image)")
+                                                              "photo (default: the detector's box, else the whole image)")
+    detections: list[str] = Field(default_factory=list, description="one per image: the 'detections' list MegaDetector "
+                                                                    "wrote for it (JSON), instead of a bbox")
 
     @field_validator("name")
     @classmethod
@@ -83,6 +87,8 @@ class SightingForm(Strict):
     observed_at: str | None = Field(None, max_length=64)
     location: str | None = Field(None, max_length=200)
     bbox: list[str] = Field(default_factory=list)
+    detections: list[str] = Field(default_factory=list, description="one per image: the 'detections' list MegaDetector "
+                                                                    "wrote for it (JSON), instead of a bbox")
 
 
 # ---------------------------------------------------------------------- requests (JSON)
@@ -203,8 +209,8 @@ class MergeResult(BaseModel):
 class Thresholds(BaseModel):
     match_threshold: float
     new_threshold: float
-    source: Literal["checkpoint", "settings"] = Field(description="checkpoint: calibrated by `reid calibrate`; "
-                                                                  "settings: the service's fallback defaults")
+    source: str = Field(description="checkpoint: calibrated by `reid calibrate`; route: set in the routes file; "
+                                    "settings: the service's fallback defaults")
 
 
 class ImageMatch(BaseModel):
@@ -223,19 +229,40 @@ class Candidate(BaseModel):
 class Animal(BaseModel):
     index: int
     species: str
-    detector: Literal["whole-image", "bbox"]
-    bboxes: list[list[float]] | None = None
+    species_score: float | None = Field(None, description="the species classifier's confidence")
+    species_source: Literal["request", "classifier", "store"] = Field(
+        description="request: the 'species' field; classifier: the service's species classifier; store: the only "
+                    "species of the store")
+    detector: Literal["whole-image", "bbox", "detections", "megadetector"] = Field(
+        description="where the animal's boxes come from: the whole photo, the request's bbox or detections, or the "
+                    "service's MegaDetector")
+    images: list[int] = Field(description="the photos (upload indices) it was seen in, fused into one query")
+    bboxes: list[list[float]] | None = Field(None, description="its box in each of those photos (x, y, w, h "
+                                                                "normalised)")
+    detection_conf: list[float] | None = None
     query_images: int
-    decision: Literal["match", "new", "uncertain"]
+    decision: Literal["match", "new", "uncertain", "species-only"] = Field(
+        description="species-only: no re-ID model for its species, species unknown, or its box too small")
     best_score: float | None
     candidates: list[Candidate]
+    note: str | None = None
+    model: str | None = Field(None, description="the model that embedded it (weights, preprocessing, TTA, crops)")
+    thresholds: Thresholds | None = None
+    gallery_size: int = Field(0, description="images in its species' gallery")
+
+
+class PhotoOut(BaseModel):
+    index: int
+    filename: str | None = None
+    outcome: Literal["animal", "blank", "human", "vehicle"]
+    animals: int
+    humans: int
+    vehicles: int
 
 
 class IdentifyResponse(BaseModel):
     animals: list[Animal]
-    thresholds: Thresholds
-    model: str = Field(description="fingerprint of the model (weights, preprocessing, TTA)")
-    gallery_size: int
+    photos: list[PhotoOut] = Field(description="what each photo holds (people and vehicles are counted, not kept)")
 
 
 class Health(BaseModel):
@@ -243,12 +270,20 @@ class Health(BaseModel):
     version: str
 
 
+class ModelOut(BaseModel):
+    species: str = Field(description="the species it serves ('*': every species the routes do not name)")
+    model: str
+    checkpoint: str
+    tta: str
+    embedding_dim: int
+    thresholds: Thresholds
+
+
 class Ready(BaseModel):
     status: Literal["ready", "not ready"]
-    model: str
-    embedding_dim: int
-    tta: str
-    thresholds: Thresholds
+    models: list[ModelOut]
+    detector: str | None
+    species_classifier: str | None
     database: str
     change_seq: int
     galleries: dict[str, int]

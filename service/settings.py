@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from reid.errors import ConfigError
+from reid.errors import ConfigError, ReidError
 
 ENV_VAR = "WILDREID_SERVICE_SETTINGS"
 MB = 1024 * 1024
@@ -22,11 +22,13 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     store_dir: Path = Field(description="folder of the store: database (SQLite by default) and image files")
-    checkpoint: Path | None = Field(None, description="training checkpoint (best.pt) whose model embeds every "
-                                                     "photo (needed to serve; not for managing keys)")
+    checkpoint: Path | None = Field(None, description="training checkpoint (best.pt) whose model embeds the photos "
+                                                     "of every species the routes file does not list")
+    routes: Path | None = Field(None, description="routes file: species -> re-ID checkpoint, TTA, thresholds "
+                                                 "(reid/species/routing.py); to serve, give it, checkpoint or both")
     database_url: str | None = Field(None, description="SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db; "
                                                        "default: SQLite (WAL) at STORE/wildreid.db")
-    tta: Literal["none", "hflip", "flip4"] = "none"
+    tta: Literal["none", "hflip", "flip4"] = Field("none", description="test-time augmentation of `checkpoint`")
     require_key_for_reads: bool = Field(False, description="reads need `Authorization: Bearer KEY` too")
 
     # upload limits
@@ -44,6 +46,21 @@ class Settings(BaseModel):
     index_kind: Literal["flat", "hnsw", "auto"] = "flat"
     ann_threshold: int = Field(200_000, ge=1, description="with index_kind auto, larger galleries get HNSW")
 
+    # camera-trap frames: detection, crops, species
+    detector: Path | None = Field(None, description="MegaDetector v6 weights (.pt, needs wildreid[detector]): "
+                                                   "identify finds the animals of full frames itself")
+    detector_device: str | None = Field(None, description="device of the detector (default: cuda:0 if any, else cpu)")
+    detection_thresholds: dict[str, float] = Field(
+        default_factory=lambda: {"animal": 0.2, "person": 0.2, "vehicle": 0.2},
+        description="lowest confidence kept per detection category")
+    crop_padding: float = Field(0.05, ge=0, description="fraction of a box's size added around it before cropping")
+    crop_square: bool = Field(True, description="crops are squares (more image, letterboxed at the edges)")
+    min_crop_px: int = Field(32, ge=0, description="detections whose shorter side is smaller are not re-identified")
+    species_classifier: Path | None = Field(None, description="species.pt of `reid train-species`: tells the "
+                                                             "species when a request does not")
+    species_threshold: float | None = Field(None, ge=0, le=1, description="classifier scores below it answer "
+                                                                          "'unknown' (default: the trained one)")
+
     # micro-batching of model inference
     batch_window_ms: float = Field(2.0, ge=0, description="how long the model waits to gather more images")
     max_batch: int | None = Field(None, ge=1, description="most images per forward pass (default: the "
@@ -54,7 +71,7 @@ class Settings(BaseModel):
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
     page_size_max: int = Field(200, ge=1)
 
-    @field_validator("store_dir", "checkpoint")
+    @field_validator("store_dir", "checkpoint", "routes", "detector", "species_classifier")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return None if value is None else Path(value).expanduser().absolute()
@@ -65,7 +82,18 @@ class Settings(BaseModel):
             raise ValueError(f"new_threshold {self.new_threshold} is above match_threshold {self.match_threshold}")
         if self.default_top_k > self.max_top_k:
             raise ValueError("default_top_k is above max_top_k")
+        self.crop_settings()  # thresholds in 0..1
         return self
+
+    def crop_settings(self):
+        """How detections and bboxes become model inputs, as identify-batch cuts them."""
+        from reid.species.crops import CropSettings
+
+        try:
+            return CropSettings(dict(self.detection_thresholds), padding=self.crop_padding,
+                                min_size=self.min_crop_px, square=self.crop_square)
+        except ReidError as exc:  # a threshold out of range
+            raise ValueError(str(exc)) from None
 
     @property
     def url(self) -> str:

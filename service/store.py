@@ -579,11 +579,12 @@ class Store:
             }
 
     # ------------------------------------------------------------------ model upkeep
-    def stale_images(self, model: str, limit: int = 256) -> list[dict]:
-        """Images whose stored embedding came from another model (to be embedded again)."""
+    def stale_images(self, species: str, model: str, limit: int = 256) -> list[dict]:
+        """Images of a species whose stored embedding came from another model (to be embedded again)."""
         with self.read() as conn:
             return [dict(r._mapping) for r in conn.execute(
-                select(images.c.id, images.c.path, images.c.bbox).where(images.c.embedding_model != model)
+                select(images.c.id, images.c.path, images.c.bbox)
+                .where(images.c.species == species, images.c.embedding_model != model)
                 .order_by(images.c.id).limit(limit))]
 
     def set_embeddings(self, vectors: dict[int, np.ndarray], model: str) -> None:

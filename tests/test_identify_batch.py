@@ -24,7 +24,7 @@ from reid.errors import ReidError
 from reid.species.batch import (FixedSpecies, RESULT_COLUMNS, SpeciesNetFile, add_identify_batch_parser,
                                 identify_batch, list_photos)
 from reid.species.camtrap import MEDIA_COLUMNS, OBSERVATION_COLUMNS
-from reid.species.crops import CropSettings, animal_crops
+from reid.species.crops import CropSettings, animal_crops, embedding_model
 from reid.species.megadetector import read_megadetector
 from reid.species.routing import DEFAULT_THRESHOLDS, Router
 from reid.species.scenes import make_synthetic_scenes
@@ -50,7 +50,8 @@ def enroll(store_dir: Path, name: str, species: str, crops: list[np.ndarray], em
                              upload.height, len(upload.data), vector, upload.filename))
     store = Store(settings.url)
     try:
-        return store.enroll(name, species, rows, embedder.fingerprint, "test")["individual_id"]
+        return store.enroll(name, species, rows, embedding_model(embedder.fingerprint, CropSettings()),
+                            "test")["individual_id"]
     finally:
         store.close()
 

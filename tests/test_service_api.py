@@ -118,8 +118,11 @@ def test_enroll_then_identify_finds_each_individual_at_rank_1(app_client, auth, 
     result = identify(app_client, "zebra", blobs[2], top_k=len(photos))
     assert {c["individual_id"] for c in result["animals"][0]["candidates"]} == set(ids.values())
     assert result["animals"][0]["decision"] in ("match", "new", "uncertain")
-    assert result["thresholds"] == {"match_threshold": 0.7, "new_threshold": 0.5, "source": "settings"}
-    assert result["gallery_size"] == len(photos)
+    animal = result["animals"][0]
+    assert animal["thresholds"] == {"match_threshold": 0.7, "new_threshold": 0.5, "source": "settings"}
+    assert animal["gallery_size"] == len(photos) and animal["species_source"] == "request"
+    assert animal["images"] == [0] and result["photos"] == [{"index": 0, "filename": "photo0.jpg", "outcome": "animal",
+                                                             "animals": 1, "humans": 0, "vehicles": 0}]
 
 
 def test_photos_of_one_encounter_are_fused_into_one_query(app_client, auth, service, photos):
@@ -496,8 +499,10 @@ def test_reads_need_a_key_when_configured(tmp_path, tiny_checkpoint, photos):
 def test_health_ready_metrics_docs(app_client):
     assert app_client.get("/health").json()["status"] == "ok"
     ready = app_client.get("/ready").json()
-    assert ready["status"] == "ready" and ready["embedding_dim"] == 32 and ready["tta"] == "none"
-    assert ready["thresholds"]["source"] == "settings"
+    assert ready["status"] == "ready" and ready["detector"] is None and ready["species_classifier"] is None
+    (model,) = ready["models"]
+    assert model["species"] == "*" and model["embedding_dim"] == 32 and model["tta"] == "none"
+    assert model["thresholds"]["source"] == "settings"
     assert any("no calibration" in w for w in ready["warnings"])
     assert ready["galleries"]["zebra"] == 12
     metrics = app_client.get("/metrics").text
@@ -519,7 +524,8 @@ def test_calibrated_thresholds_from_the_checkpoint(tmp_path, tiny_checkpoint, ph
         secret = client.app.state.service.store.create_key("k")[1]
         enroll(client, {"Authorization": f"Bearer {secret}"}, "Only", "zebra", photos["synth_000"][0])
         ready = client.get("/ready").json()
-        assert ready["thresholds"] == {"match_threshold": 0.999, "new_threshold": 0.99, "source": "checkpoint"}
+        assert ready["models"][0]["thresholds"] == {"match_threshold": 0.999, "new_threshold": 0.99,
+                                                    "source": "checkpoint"}
         assert not any("calibration" in w for w in ready["warnings"])
         assert identify(client, "zebra", photos["synth_000"][0])["animals"][0]["decision"] == "match"
         other = identify(client, "zebra", photos["synth_001"][0])["animals"][0]
@@ -545,10 +551,11 @@ def test_a_new_checkpoint_embeds_the_stored_images_again(tmp_path, tiny_checkpoi
     with TestClient(create_app(Settings(store_dir=tmp_path, checkpoint=tiny_checkpoint))) as client:
         headers = {"Authorization": f"Bearer {client.app.state.service.store.create_key('k')[1]}"}
         a = enroll(client, headers, "Kept", "zebra", photos["synth_009"][0])
-        old = client.get("/ready").json()["model"]
+        old = client.get("/ready").json()["models"][0]["model"]
     other = write_checkpoint(tmp_path / "other.pt", seed=7)
     with TestClient(create_app(Settings(store_dir=tmp_path, checkpoint=other))) as client:
         ready = client.get("/ready").json()
-        assert ready["model"] != old and ready["galleries"] == {"zebra": 1} and ready["foreign_images"] == 0
+        assert ready["models"][0]["model"] != old and ready["galleries"] == {"zebra": 1}
+        assert ready["foreign_images"] == 0
         result = identify(client, "zebra", photos["synth_009"][0])
         assert top(result)["individual_id"] == a["id"] and top(result)["score"] == pytest.approx(1.0, abs=1e-5)

@@ -208,12 +208,9 @@ class RunDetector:
         self.weights = str(Path(weights).resolve()) if weights else None
 
     def detect(self, file: str, image):
-        from reid.species.megadetector import detection_table, image_row
+        from reid.species.detector import detection_rows
 
-        found = self.detector.detect(image)
-        rows = [(file, i, d.category, round(d.conf, 3), *(round(v, 4) for v in d.bbox), "")
-                for i, d in enumerate(found)]
-        return detection_table(rows or [image_row(file)])
+        return detection_rows(file, self.detector.detect(image))
 
     def describe(self) -> dict:
         return {"detector": "megadetector" if self.weights else "whole-image", "weights": self.weights}
@@ -272,9 +269,7 @@ class ClassifierSpecies:
         self.options = {"file": str(Path(path).resolve()), "threshold": self.classifier.threshold}
 
     def cut(self, image, box):
-        from reid.species.crops import crop
-
-        return crop(image, box, self.classifier.padding, self.classifier.square)[0]
+        return self.classifier.cut(image, box)
 
     def species(self, items: list["Animal"]) -> list[tuple[str, float | None]]:
         if not items:
@@ -302,7 +297,7 @@ class StoreGalleries:
     """Read-only galleries of the store, one per routed species, built when first searched."""
 
     def __init__(self, store_dir: Path, database_url: str | None, species: list[str], stale: str,
-                 timings: Timings):
+                 timings: Timings, crop_settings):
         from reid.errors import ReidError
         from service.settings import build_settings
         from service.store import Store
@@ -319,7 +314,7 @@ class StoreGalleries:
         wanted = set(species)
         self.rows = [r for r in rows if r.species in wanted]
         self.names = self.store.names({r.individual_id for r in self.rows})
-        self.stale, self.timings = stale, timings
+        self.stale, self.timings, self.crop_settings = stale, timings, crop_settings
         self.galleries: dict[str, tuple] = {}
         self.reembedded = 0
 
@@ -335,11 +330,12 @@ class StoreGalleries:
 
         from reid.errors import ReidError
         from reid.index.gallery import GalleryIndex
+        from reid.species.crops import embedding_model
         from service.store import blob_to_vector
 
         with self.timings("setup"):
             embedder = route.embedder
-            fingerprint = embedder.fingerprint
+            fingerprint = embedding_model(embedder.fingerprint, self.crop_settings)
             route.thresholds  # noqa: B018 - reads the checkpoint's calibration now, not mid-search
         rows = [r for r in self.rows if r.species == route.species]
         same = [r for r in rows if r.embedding_model == fingerprint]
@@ -365,7 +361,7 @@ class StoreGalleries:
         import numpy as np
 
         from reid.errors import ReidError
-        from service.images import crop, decode_upload, parse_bbox
+        from service.images import decode_upload, parse_bbox
 
         arrays = []
         for row in rows:
@@ -377,7 +373,8 @@ class StoreGalleries:
             except (OSError, ReidError) as exc:
                 raise ReidError(f"cannot embed stored image {row.image_id} ({image['path']}) with this model: "
                                 f"{exc}") from None
-            arrays.append(crop(upload.array, parse_bbox(image["bbox"])) if image["bbox"] else upload.array)
+            box = parse_bbox(image["bbox"]) if image["bbox"] else None
+            arrays.append(self.crop_settings.cut(upload.array, box) if box else upload.array)
         self.reembedded += len(arrays)
         chunks = [embedder.embed_images(arrays[i:i + embedder.batch_size])
                   for i in range(0, len(arrays), embedder.batch_size)]
@@ -468,7 +465,8 @@ class BatchRun:
             self.detector = None if self.detections else (detector or RunDetector())
         with self.timings("setup"):
             _preload()
-            self.galleries = StoreGalleries(Path(store), database_url, router.species, stale, self.timings)
+            self.galleries = StoreGalleries(Path(store), database_url, router.species, stale, self.timings,
+                                            self.crop_settings)
         self.partial = self.out.with_name(self.out.name + ".partial")
 
     # ------------------------------------------------------------------ options and the .partial file
@@ -852,7 +850,7 @@ def enroll_ground_truth(scenes: str | Path, store: str | Path, router, per_indiv
 
     from reid.data.dataset import read_image
     from reid.errors import ReidError
-    from reid.species.crops import CropSettings, animal_crops
+    from reid.species.crops import CropSettings, animal_crops, embedding_model
     from reid.species.megadetector import detection_table, read_megadetector
     from service.images import decode_upload, store_file
     from service.settings import build_settings
@@ -896,7 +894,8 @@ def enroll_ground_truth(scenes: str | Path, store: str | Path, router, per_indiv
                 path = store_file(settings.store_dir, upload)
                 new_images.append(NewImage(upload.sha256, path, upload.media_type, upload.width, upload.height,
                                            len(upload.data), vector, upload.filename))
-            result = db.enroll(identity, species, new_images, route.fingerprint, key_name)
+            result = db.enroll(identity, species, new_images, embedding_model(route.fingerprint, crop_settings),
+                               key_name)
             enrolled[identity] = {"individual_id": result["individual_id"], "files": files}
     finally:
         db.close()

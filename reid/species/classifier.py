@@ -271,26 +271,37 @@ class SpeciesClassifier:
                    state["threshold"] if threshold is None else threshold, crop_cfg["padding"], crop_cfg["square"],
                    device)
 
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """The network input of an RGB uint8 crop."""
+        return self.transform(image=image)["image"]
+
+    def forward(self, tensors: Sequence[torch.Tensor]) -> np.ndarray:
+        """Softmax over the classes, (N, classes), of preprocessed crops."""
+        if not len(tensors):
+            return np.zeros((0, len(self.classes)), np.float32)
+        with torch.inference_mode():
+            return self.model(torch.stack(list(tensors)).to(self.device)).float().softmax(1).cpu().numpy()
+
     def probabilities(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
         """Softmax over the classes, (N, classes), for RGB uint8 crops."""
-        chunks = []
-        with torch.inference_mode():
-            for start in range(0, len(images), batch_size):
-                chunk = images[start:start + batch_size]
-                batch = torch.stack([self.transform(image=image)["image"] for image in chunk])
-                chunks.append(self.model(batch.to(self.device)).float().softmax(1).cpu().numpy())
+        chunks = [self.forward([self.preprocess(image) for image in images[start:start + batch_size]])
+                  for start in range(0, len(images), batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes)), np.float32)
 
-    def predict(self, images: Sequence[np.ndarray], batch_size: int = 32) -> tuple[list[str], np.ndarray]:
-        """(species, score) per crop; species is "unknown" where the best score is below the threshold."""
-        probabilities = self.probabilities(images, batch_size)
+    def decide(self, probabilities: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """(species, score) per row of probabilities; "unknown" where the best score is below the threshold."""
         best, scores = probabilities.argmax(1), probabilities.max(1)
         return [self.classes[i] if s >= self.threshold else UNKNOWN for i, s in zip(best, scores)], scores
 
+    def cut(self, image: np.ndarray, box: tuple[float, float, float, float] | None) -> np.ndarray:
+        """The crop of `box` (normalised xywh; None: the whole image) as the classifier was trained on."""
+        return image if box is None else crop(image, box, self.padding, self.square)[0]
+
+    def predict(self, images: Sequence[np.ndarray], batch_size: int = 32) -> tuple[list[str], np.ndarray]:
+        """(species, score) per crop; species is "unknown" where the best score is below the threshold."""
+        return self.decide(self.probabilities(images, batch_size))
+
     def species_for(self, file: str, bbox: tuple[float, float, float, float] | None = None) -> tuple[str, float]:
         """The species in `bbox` (normalised xywh; None: whole image) of an image file, cropped as in training."""
-        image = read_image(file)
-        if bbox is not None:
-            image = crop(image, bbox, self.padding, self.square)[0]
-        species, scores = self.predict([image])
+        species, scores = self.predict([self.cut(read_image(file), bbox)])
         return species[0], float(scores[0])

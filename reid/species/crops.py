@@ -8,6 +8,8 @@ detected with lower confidence and are worth catching for privacy).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -54,6 +56,27 @@ class CropSettings:
 
     def threshold(self, category: str) -> float:
         return self.thresholds.get(category, self.default_threshold)
+
+    def too_small(self, box: Box, width: int, height: int) -> bool:
+        """Whether the box's shorter side in a width x height image is under `min_size` pixels."""
+        return min(box[2] * width, box[3] * height) < self.min_size
+
+    @property
+    def digest(self) -> str:
+        """Hash of what shapes a crop's pixels (not which boxes are kept): padding, square, fill."""
+        spec = {"padding": self.padding, "square": self.square, "fill": self.fill}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+
+    def cut(self, image: np.ndarray, box: Box) -> np.ndarray:
+        """The re-ID crop of `box` (normalised xywh) from `image`."""
+        return crop(image, box, self.padding, self.square, self.fill)[0]
+
+
+def embedding_model(fingerprint: str, settings: CropSettings) -> str:
+    """What a stored vector of a cropped image was made by: the model's fingerprint and the crops'
+    shape. A store compares it to tell vectors to re-embed, so vectors of differently cut crops
+    (another padding) never share a gallery."""
+    return f"{fingerprint}-{settings.digest}"
 
 
 @dataclass
@@ -143,7 +166,7 @@ def animal_crops(image: np.ndarray, detections: pd.DataFrame, settings: CropSett
     animals = animals[animals["category"] == ANIMAL]
     crops = []
     for row in animals.itertuples():
-        if min(row.w * width, row.h * height) < settings.min_size:
+        if settings.too_small((row.x, row.y, row.w, row.h), width, height):
             continue
         pixels, region = crop(image, (row.x, row.y, row.w, row.h), settings.padding, settings.square, settings.fill)
         crops.append(Crop(row.file, int(row.detection), float(row.conf), region, pixels))

@@ -10,16 +10,18 @@ cropped to one animal.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Protocol
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from reid.data.dataset import read_image
 from reid.errors import DataError, ReidError
-from reid.species.megadetector import detection_table, image_row
+from reid.species.megadetector import COORD_DIGITS, CONF_DIGITS, detection_table, image_row
 
 # MegaDetector's classes in network order; its JSON ids are these positions plus one
 MEGADETECTOR_CLASSES = ("animal", "person", "vehicle")
@@ -57,6 +59,12 @@ def _ultralytics():
         import ultralytics
     except ImportError:
         raise ReidError(f"running MegaDetector needs the ultralytics package: {INSTALL_HINT}") from None
+    # ultralytics replaces PIL.Image.open with a version that, on any file Pillow cannot identify, tries
+    # to install a HEIF plugin (and raises ModuleNotFoundError where it cannot): an upload that is not an
+    # image must stay a clear 4xx, so Pillow's own function is put back
+    patches = sys.modules.get("ultralytics.utils.patches")
+    if patches is not None and hasattr(patches, "_image_open"):
+        Image.open = patches._image_open
     return ultralytics
 
 
@@ -116,18 +124,25 @@ def _load(weights: Path, ultralytics):
     return model
 
 
+def detection_rows(file: str, found: list[Detection]) -> pd.DataFrame:
+    """The detection table of one image's detections, rounded as MegaDetector's JSON rounds them, so
+    that detections run here and those read from its files are cropped alike."""
+    rows = [(file, index, d.category, round(d.conf, CONF_DIGITS), *(round(v, COORD_DIGITS) for v in d.bbox), "")
+            for index, d in enumerate(found)]
+    return detection_table(rows or [image_row(file)])
+
+
 def detect_images(detector: Detector, files: Iterable[str], root: str | Path | None = None) -> pd.DataFrame:
     """Run `detector` on image files: the MegaDetector detection table (unreadable images fail).
 
     `files` are named in the table as given; relative ones are read from `root` if given.
     """
-    rows: list[tuple] = []
+    tables = []
     for file in files:
         try:
             image = read_image(os.path.join(root, file) if root else file)
         except DataError as exc:
-            rows.append(image_row(file, str(exc)))
+            tables.append(detection_table([image_row(file, str(exc))]))
             continue
-        found = detector.detect(image)
-        rows += [(file, index, d.category, d.conf, *d.bbox, "") for index, d in enumerate(found)] or [image_row(file)]
-    return detection_table(rows)
+        tables.append(detection_rows(file, detector.detect(image)))
+    return pd.concat(tables, ignore_index=True) if tables else detection_table([])

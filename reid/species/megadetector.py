@@ -62,6 +62,15 @@ def read_megadetector(path: str | Path) -> pd.DataFrame:
     return detection_table(rows)
 
 
+def image_detections(detections, file: str, at: Position,
+                     categories: dict[str, str] = DEFAULT_CATEGORIES) -> pd.DataFrame:
+    """The detection table of one image from its `detections` list as MegaDetector writes it
+    (`images[i].detections`; category ids as in `categories`); DataError names a malformed entry."""
+    if not isinstance(detections, list):
+        raise at.error("must be a list of detections [{\"category\": \"1\", \"conf\": 0.9, \"bbox\": [x, y, w, h]}]")
+    return detection_table(_image_rows({"detections": detections}, file, categories, at))
+
+
 def _categories(value: dict, at: Position) -> dict[str, str]:
     for key, name in value.items():
         if not isinstance(name, str) or not name:

@@ -69,9 +69,12 @@ class Route:
 class Router:
     """`route(species)`: that species' Route, or None when no re-ID model is configured for it."""
 
-    def __init__(self, mapping: Mapping[str, Any], source: str = "routes", base: str | Path | None = None):
-        """`mapping` is the routes file's content ({"species": {...}}), or directly {species: route}."""
+    def __init__(self, mapping: Mapping[str, Any], source: str = "routes", base: str | Path | None = None,
+                 defaults: Mapping[str, float] | None = None):
+        """`mapping` is the routes file's content ({"species": {...}}), or directly {species: route};
+        `defaults` are the thresholds of routes whose checkpoint holds no calibration."""
         self.source = str(source)
+        self.defaults = dict(defaults or DEFAULT_THRESHOLDS)
         base = Path(base) if base is not None else Path.cwd()
         if not isinstance(mapping, Mapping):
             raise ConfigError(f"{self.source}: must be a mapping with a 'species' key, not {type(mapping).__name__}")
@@ -89,7 +92,7 @@ class Router:
         self._thresholds: dict[str, tuple[dict, str]] = {}
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Router":
+    def from_file(cls, path: str | Path, defaults: Mapping[str, float] | None = None) -> "Router":
         import yaml
 
         path = Path(path)
@@ -105,7 +108,7 @@ class Router:
         if not isinstance(data["species"], Mapping):
             raise ConfigError(f"{path}: species: must map species names to routes, not "
                               f"{type(data['species']).__name__}")
-        return cls(data, source=str(path), base=path.parent)
+        return cls(data, source=str(path), base=path.parent, defaults=defaults)
 
     @classmethod
     def single(cls, checkpoint: str | Path, species: str, tta: str = "none") -> "Router":
@@ -171,7 +174,7 @@ class Router:
         A route that sets only one of the two takes the other from the checkpoint or the defaults."""
         if route.species not in self._thresholds:
             calibrated = self.embedder(route).thresholds
-            base, source = (dict(calibrated), "checkpoint") if calibrated else (dict(DEFAULT_THRESHOLDS), "default")
+            base, source = (dict(calibrated), "checkpoint") if calibrated else (dict(self.defaults), "default")
             own = {k: v for k, v in (("match_threshold", route.match_threshold),
                                      ("new_threshold", route.new_threshold)) if v is not None}
             thresholds = {**base, **own}

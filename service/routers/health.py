@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.deps import ServiceDep, WriterDep
 from service.routers.common import errors
-from service.schemas import AuditEntry, Health, Ready, Thresholds
+from service.schemas import AuditEntry, Health, Ready
 
 router = APIRouter(tags=["operations"])
 
@@ -41,15 +41,13 @@ async def ready(service: ServiceDep) -> Response:
                 problems.append(f"gallery sync failed: {exc}")
         else:
             problems.append("the database does not answer")
-        if not service.batcher.thread.is_alive():
+        if not service.models.alive():
             ok = False
-            problems.append("the model worker is not running")
+            problems.append("a model worker is not running")
         return ok, seq, problems
 
     ok, seq, problems = await run_in_threadpool(check)
-    body = Ready(status="ready" if ok else "not ready", model=service.runner.fingerprint,
-                 embedding_dim=service.runner.dim, tta=service.settings.tta,
-                 thresholds=Thresholds(**service.thresholds, source=service.threshold_source),
+    body = Ready(status="ready" if ok else "not ready", **service.models.describe(),
                  database=service.store.engine.url.render_as_string(hide_password=True), change_seq=seq,
                  galleries=service.galleries.sizes(), foreign_images=service.galleries.foreign,
                  warnings=service.warnings + problems)

@@ -21,10 +21,10 @@ WRITE_ERRORS = errors(400, 401, 403, 404, 409, 413, 415, 422)
              summary="Enroll a new individual with its first photos")
 async def create_individual(service: ServiceDep, caller: WriterDep,
                             form: Annotated[EnrollForm, Form(media_type="multipart/form-data")]) -> IndividualOut:
-    prepared, _ = await service.prepare(form.images, form.bbox, multi_animal=False)
-    vectors = await service.embed(prepared)
-    result = await run_in_threadpool(service.enroll, form.name, form.species, prepared, vectors, caller.key_name,
-                                     form.notes, form.observed_at, form.location)
+    found, views, vectors, model = await service.embed_individual(form.species, form.images, form.bbox,
+                                                                  form.detections)
+    result = await run_in_threadpool(service.enroll, form.name, form.species, found, views, vectors, model,
+                                     caller.key_name, form.notes, form.observed_at, form.location)
     return individual(await run_in_threadpool(service.store.get_individual, result["individual_id"]))
 
 
@@ -93,10 +93,10 @@ async def restore_individual(individual_id: IndividualId, service: ServiceDep, c
              summary="Add a sighting (photos) of a known individual")
 async def add_sighting(individual_id: IndividualId, service: ServiceDep, caller: WriterDep,
                        form: Annotated[SightingForm, Form(media_type="multipart/form-data")]) -> SightingCreated:
-    await run_in_threadpool(service.store.require_live, individual_id, "add images to")  # 404 / 409 first
-    prepared, _ = await service.prepare(form.images, form.bbox, multi_animal=False)
-    vectors = await service.embed(prepared)
-    result = await run_in_threadpool(service.add_sighting, individual_id, prepared, vectors, caller.key_name,
-                                     form.notes, form.observed_at, form.location)
+    row = await run_in_threadpool(service.store.require_live, individual_id, "add images to")  # 404 / 409 first
+    found, views, vectors, model = await service.embed_individual(row["species"], form.images, form.bbox,
+                                                                  form.detections)
+    result = await run_in_threadpool(service.add_sighting, individual_id, found, views, vectors, model,
+                                     caller.key_name, form.notes, form.observed_at, form.location)
     return SightingCreated(sighting_id=result["sighting_id"], image_ids=result["image_ids"],
                            individual=individual(await run_in_threadpool(service.store.get_individual, individual_id)))

@@ -1,0 +1,196 @@
+"""The service's networks: the re-ID model of each species, the detector and the species classifier.
+
+A species is served by the route of the routes file that names it (reid/species/routing.py),
+else by the default `checkpoint`; a species with neither has no re-ID model: identify answers its
+animals `species-only` and enrolling it is refused. Routes that name the same checkpoint and TTA
+share one network, and each network has its own micro-batcher thread. Every stored vector is
+stamped with `embedding_model(fingerprint, crop settings)`, so vectors of another model, or of
+crops cut another way, never share a gallery with this one's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from reid.embedding.embedder import Embedder
+from reid.errors import ConfigError
+from reid.species.crops import embedding_model
+from service.batching import MicroBatcher, ModelRunner
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger("wildreid.service")
+
+
+@dataclass
+class Network:
+    """One loaded re-ID network and the thread that batches its forward passes."""
+    runner: ModelRunner
+    batcher: MicroBatcher
+    stamp: str  # embedding_model(): what the store records as the maker of its vectors
+    checkpoint: Path
+    tta: str
+
+
+@dataclass
+class SpeciesModel:
+    """How one species is identified: its network and its decision thresholds."""
+    species: str
+    network: Network
+    thresholds: dict
+    threshold_source: str  # route, checkpoint (calibrated), settings (fallback), or route+...
+
+
+def load_thresholds(embedder: Embedder, settings: Settings) -> tuple[dict, str]:
+    """The checkpoint's calibrated thresholds (from `reid calibrate`), else the settings' fallback."""
+    if embedder.thresholds:
+        return dict(embedder.thresholds), "checkpoint"
+    return {"match_threshold": settings.match_threshold, "new_threshold": settings.new_threshold}, "settings"
+
+
+class SpeciesClassifierRunner:
+    """The species classifier behind its own micro-batcher: probabilities of crops, batched across requests."""
+
+    def __init__(self, path: Path, threshold: float | None, settings: Settings, metrics: Metrics):
+        from reid.species.classifier import SpeciesClassifier
+
+        self.path = path
+        self.classifier = SpeciesClassifier.from_checkpoint(path, threshold)
+        self.batcher = MicroBatcher(self.classifier.forward, settings.max_batch or 32, settings.batch_window_ms / 1000,
+                                    observe=metrics.observe_batch)
+
+    async def probabilities(self, crops: list[np.ndarray]) -> np.ndarray:
+        from starlette.concurrency import run_in_threadpool
+
+        tensors = await run_in_threadpool(lambda: [self.classifier.preprocess(c) for c in crops])
+        return await self.batcher.embed(tensors)
+
+
+class LockedDetector:
+    """A detector called from the threadpool one request at a time (ultralytics models are not thread-safe)."""
+
+    def __init__(self, detector, name: str):
+        self.detector, self.name = detector, name
+        self.lock = threading.Lock()
+
+    def detect(self, image: np.ndarray):
+        with self.lock:
+            return self.detector.detect(image)
+
+
+class Models:
+    def __init__(self, settings: Settings, metrics: Metrics):
+        from reid.species.routing import Router
+        from service.schemas import normalise_species
+
+        if settings.checkpoint is None and settings.routes is None:
+            raise ConfigError("the service needs a re-ID model: --checkpoint CKPT (every species), --routes FILE "
+                              "(a checkpoint per species), or both")
+        self.settings, self.metrics = settings, metrics
+        self.crop_settings = settings.crop_settings()
+        self.networks: dict[str, Network] = {}
+        self.routes: dict[str, SpeciesModel] = {}
+        self.default: SpeciesModel | None = None
+        fallback = {"match_threshold": settings.match_threshold, "new_threshold": settings.new_threshold}
+        if settings.routes is not None:
+            router = Router.from_file(settings.routes, defaults=fallback)
+            for name, route in router.routes.items():
+                try:
+                    species = normalise_species(name)
+                except ValueError as exc:
+                    raise ConfigError(f"{settings.routes}: species '{name}': {exc}") from None
+                source = route.threshold_source.replace("default", "settings")
+                self.routes[species] = SpeciesModel(species, self._network(route.embedder, route.checkpoint,
+                                                                           route.tta), route.thresholds, source)
+        if settings.checkpoint is not None:
+            embedder = Embedder.from_checkpoint(settings.checkpoint, tta=settings.tta, num_workers=0)
+            thresholds, source = load_thresholds(embedder, settings)
+            self.default = SpeciesModel("*", self._network(embedder, settings.checkpoint, settings.tta), thresholds,
+                                        source)
+        self.detector = self._detector(settings)
+        self.classifier = (SpeciesClassifierRunner(settings.species_classifier, settings.species_threshold, settings,
+                                                   metrics) if settings.species_classifier else None)
+
+    def _network(self, embedder: Embedder, checkpoint: Path, tta: str) -> Network:
+        """The network of this embedder; an identical one (same weights, preprocessing, TTA) is shared."""
+        if embedder.fingerprint not in self.networks:
+            runner = ModelRunner(embedder)
+            batcher = MicroBatcher(runner.forward, self.settings.max_batch or embedder.batch_size,
+                                   self.settings.batch_window_ms / 1000, observe=self.metrics.observe_batch)
+            self.networks[embedder.fingerprint] = Network(runner, batcher, embedding_model(
+                embedder.fingerprint, self.crop_settings), Path(checkpoint).absolute(), tta)
+        return self.networks[embedder.fingerprint]
+
+    @staticmethod
+    def _detector(settings: Settings) -> LockedDetector | None:
+        if settings.detector is None:
+            return None
+        import torch
+
+        from reid.species.detector import MegaDetector
+
+        device = settings.detector_device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+        return LockedDetector(MegaDetector(settings.detector, device=device), "megadetector")
+
+    # ------------------------------------------------------------------ lookups
+    def model(self, species: str) -> SpeciesModel | None:
+        """The re-ID model of a species, None when nothing serves it."""
+        if species in self.routes:
+            return self.routes[species]
+        return dataclasses.replace(self.default, species=species) if self.default else None
+
+    def layout(self, species: str) -> tuple[str, int] | None:
+        """(vector stamp, dimension) of a species' gallery, None when it has no model (for Galleries)."""
+        model = self.model(species)
+        return (model.network.stamp, model.network.runner.dim) if model else None
+
+    def describe(self) -> dict:
+        """What serves which species (for /ready)."""
+        def entry(model: SpeciesModel) -> dict:
+            network = model.network
+            return {"species": model.species, "model": network.stamp, "checkpoint": str(network.checkpoint),
+                    "tta": network.tta, "embedding_dim": network.runner.dim,
+                    "thresholds": {**model.thresholds, "source": model.threshold_source}}
+
+        models = [entry(m) for m in self.routes.values()] + ([entry(self.default)] if self.default else [])
+        return {"models": models, "detector": self.detector.name if self.detector else None,
+                "species_classifier": str(self.classifier.path) if self.classifier else None}
+
+    def uncalibrated(self) -> list[str]:
+        """Warnings for the models that decide with the settings' fallback thresholds."""
+        models = list(self.routes.values()) + ([self.default] if self.default else [])
+        return [f"{'every species' if m.species == '*' else m.species}: the checkpoint {m.network.checkpoint.name} "
+                f"holds no calibration (run `reid calibrate`): decisions use match >= "
+                f"{m.thresholds['match_threshold']}, new < {m.thresholds['new_threshold']}"
+                for m in models if m.threshold_source == "settings"]
+
+    # ------------------------------------------------------------------ threads
+    @property
+    def batchers(self) -> list[MicroBatcher]:
+        return [n.batcher for n in self.networks.values()] + ([self.classifier.batcher] if self.classifier else [])
+
+    def start(self) -> None:
+        for batcher in self.batchers:
+            batcher.start()
+
+    def close(self) -> None:
+        for batcher in self.batchers:
+            batcher.close()
+
+    def alive(self) -> bool:
+        return all(batcher.thread.is_alive() for batcher in self.batchers)
+
+    @contextmanager
+    def incoming(self) -> Iterator[None]:
+        """A request is preparing images: any batcher may wait a little for them."""
+        with ExitStack() as stack:
+            for batcher in self.batchers:
+                stack.enter_context(batcher.incoming())
+            yield
