@@ -137,7 +137,10 @@ class Models:
         from reid.species.detector import MegaDetector
 
         device = settings.detector_device or ("cuda:0" if torch.cuda.is_available() else "cpu")
-        return LockedDetector(MegaDetector(settings.detector, device=device), "megadetector")
+        crops = settings.crop_settings()
+        # boxes below every category's threshold would be dropped anyway: not worth the detector's NMS
+        lowest = min([*crops.thresholds.values(), crops.default_threshold])
+        return LockedDetector(MegaDetector(settings.detector, threshold=lowest, device=device), "megadetector")
 
     # ------------------------------------------------------------------ lookups
     def model(self, species: str) -> SpeciesModel | None:

@@ -95,3 +95,39 @@ def test_a_megadetector_v5_file_gets_a_clear_error(offline, tmp_path, monkeypatc
     monkeypatch.delitem(sys.modules, "models.yolo")
     with pytest.raises(ReidError, match="is a MegaDetector v5 .* use a MegaDetector v6 file"):
         MegaDetector(tmp_path / "md_v5a.0.0.pt")
+
+
+def test_the_service_runs_megadetector_on_full_frames(offline, tmp_path, tiny_checkpoint):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+    from service.testing import encode
+
+    weights = tmp_path / "mdv6-untrained.pt"
+    _untrained_megadetector(weights, "yolov9t.yaml")
+    # every box an untrained network scores is kept, so that animals, people and vehicles all occur
+    settings = Settings(store_dir=tmp_path / "store", checkpoint=tiny_checkpoint, detector=weights,
+                        detection_thresholds={"animal": 0.001, "person": 0.001, "vehicle": 0.001}, min_crop_px=0)
+    image = np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    with TestClient(create_app(settings)) as client:
+        service = client.app.state.service
+        assert client.get("/ready").json()["detector"] == "megadetector"
+        expected = service.models.detector.detect(image)
+        headers = {"Authorization": f"Bearer {service.store.create_key('k')[1]}"}
+        r = client.post("/v1/individuals", data={"name": "A", "species": "zebra", "bbox": "0.1,0.1,0.5,0.5"},
+                        files=[("images", ("a.png", encode(image, "PNG"), "image/png"))], headers=headers)
+        assert r.status_code == 201, r.text
+        r = client.post("/v1/identify", data={"species": "zebra"},
+                        files=[("images", ("frame.png", encode(image, "PNG"), "image/png"))])
+        assert r.status_code == 200, r.text
+        result = r.json()
+        animals = [d for d in expected if d.category == "animal"]
+        assert animals, "an untrained network still scores some animal boxes above 0.001"
+        assert len(result["animals"]) == len(animals) and result["photos"][0]["animals"] == len(animals)
+        assert result["photos"][0]["humans"] == sum(d.category == "person" for d in expected)
+        assert all(a["detector"] == "megadetector" for a in result["animals"])
+        # ultralytics patches PIL.Image.open to install a plugin on unreadable files: still a clear 4xx
+        r = client.post("/v1/identify", data={"species": "zebra"},
+                        files=[("images", ("x.jpg", b"not an image at all", "image/jpeg"))])
+        assert r.status_code == 415, r.text
