@@ -91,14 +91,14 @@ class Service:
             while rows := self.store.stale_images(species, network.stamp):
                 vectors = {}
                 for row in rows:
+                    box = parse_bbox(row["bbox"]) if row["bbox"] else None
                     try:
                         data = (self.settings.store_dir / row["path"]).read_bytes()
                         upload = decode_upload(data, 0, row["path"], self.settings.max_pixels,
-                                               self.settings.allowed_formats, 2 * network.runner.image_size)
+                                               self.settings.allowed_formats, self.draft_size(box is not None))
                     except (OSError, ReidError) as exc:
                         raise ReidError(f"cannot embed stored image {row['id']} ({row['path']}) with the new model: "
                                         f"{exc}") from None
-                    box = parse_bbox(row["bbox"]) if row["bbox"] else None
                     array = self.crops.cut(upload.array, box) if box else upload.array
                     vectors[row["id"]] = network.runner.forward([network.runner.preprocess(array)])[0]
                 self.store.set_embeddings(vectors, network.stamp)
@@ -124,12 +124,17 @@ class Service:
         with self.models.incoming():
             return await run_in_threadpool(self._find, datas, names, plan, tables, multi_animal)
 
+    def draft_size(self, cropped: bool) -> int | None:
+        """The JPEG decoding scale: reduced (faster) down to twice the largest model input for a photo
+        taken whole; full resolution when boxes will be cut from it, whose pixels the crop needs."""
+        return None if cropped else 2 * max(n.runner.image_size for n in self.models.networks.values())
+
     def _find(self, datas: list[bytes], names: list, plan: list | None, tables: list | None,
               multi_animal: bool) -> Found:
-        draft = 2 * max(n.runner.image_size for n in self.models.networks.values())
-        uploads = [decode_upload(data, i, name, self.settings.max_pixels, self.settings.allowed_formats, draft)
-                   for i, (data, name) in enumerate(zip(datas, names))]
         detector, source = self.models.detector, "detections"
+        cropped = tables is not None or detector is not None or any(box for a in plan or [] for _, box in a)
+        uploads = [decode_upload(data, i, name, self.settings.max_pixels, self.settings.allowed_formats,
+                                 self.draft_size(cropped)) for i, (data, name) in enumerate(zip(datas, names))]
         if plan is None and tables is None and detector is not None:
             tables = [detection_rows(str(i), detector.detect(u.array)) for i, u in enumerate(uploads)]
             source = detector.name

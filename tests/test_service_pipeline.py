@@ -222,3 +222,27 @@ def test_the_species_classifier_routes_each_animal(world, tmp_path, enrolled):
             assert 0 < animal["species_score"] <= 1
             # searched in its predicted species' gallery only
             assert {ids[c["individual_id"]] for c in animal["candidates"]} == {animal["species"]}
+
+
+def test_a_box_is_cut_from_the_full_resolution_photo(world, client):
+    """JPEGs taken whole decode at a reduced scale; a box must not: its crop needs every pixel."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from service.store import blob_to_vector
+    from service.testing import encode
+
+    rng = np.random.default_rng(5)
+    photo = np.kron(rng.integers(0, 255, (150, 200, 3), dtype=np.uint8), np.ones((8, 8, 1), np.uint8))  # 1200x1600
+    blob, box = encode(photo, "JPEG", quality=95), (0.42, 0.4, 0.1, 0.12)
+    r = client.post("/v1/individuals", data={"name": "Small", "species": CAT, "bbox": ",".join(map(str, box))},
+                    files=[("images", ("big.jpg", blob, "image/jpeg"))])
+    assert r.status_code == 201, r.text
+    image_id = r.json()["images"][0]["id"]
+    stored = next(row for row in client.app.state.service.store.gallery_rows(None)[1] if row.image_id == image_id)
+    full = np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+    expected = Embedder.from_checkpoint(world["root"] / "cat.pt").embed_images([CropSettings().cut(full, box)])[0]
+    assert np.allclose(blob_to_vector(stored.embedding), expected, atol=1e-5)
+    client.delete(f"/v1/individuals/{r.json()['id']}")

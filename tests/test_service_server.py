@@ -157,3 +157,23 @@ def test_serve_refuses_a_bad_checkpoint_with_a_clear_error(tmp_path, capsys):
     assert "unreadable" in capsys.readouterr().err
     assert service_main(["serve", "--store", str(tmp_path / "s"), "--checkpoint", str(tmp_path / "none.pt")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_serve_checks_every_model_file_before_starting(tmp_path, tiny_checkpoint, capsys):
+    store = str(tmp_path / "s")
+    assert service_main(["serve", "--store", store]) == 2
+    assert "--checkpoint CKPT (every species), --routes FILE" in capsys.readouterr().err
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("species:\n  zebra: missing.pt\n")
+    assert service_main(["serve", "--store", store, "--routes", str(routes)]) == 2
+    err = capsys.readouterr().err
+    assert "species.zebra.checkpoint" in err and "not found" in err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    routes.write_text(f"species:\n  zebra: {tiny_checkpoint}\n  lion: bad.pt\n")
+    assert service_main(["serve", "--store", store, "--routes", str(routes)]) == 2
+    assert "unreadable" in capsys.readouterr().err
+    routes.write_text(f"species:\n  zebra: {tiny_checkpoint}\n")
+    assert service_main(["serve", "--store", store, "--routes", str(routes), "--detector",
+                         str(tmp_path / "md.pt")]) == 2
+    assert "--detector: file" in capsys.readouterr().err

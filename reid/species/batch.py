@@ -366,14 +366,15 @@ class StoreGalleries:
         arrays = []
         for row in rows:
             image = self.store.get_image(row.image_id)
+            box = parse_bbox(image["bbox"]) if image["bbox"] else None
             try:
                 data = (self.settings.store_dir / image["path"]).read_bytes()
+                # a box is cut from the full-resolution photo, as the service cuts it
                 upload = decode_upload(data, 0, image["path"], self.settings.max_pixels, self.settings.allowed_formats,
-                                       2 * embedder.image_size)
+                                       None if box else 2 * embedder.image_size)
             except (OSError, ReidError) as exc:
                 raise ReidError(f"cannot embed stored image {row.image_id} ({image['path']}) with this model: "
                                 f"{exc}") from None
-            box = parse_bbox(image["bbox"]) if image["bbox"] else None
             arrays.append(self.crop_settings.cut(upload.array, box) if box else upload.array)
         self.reembedded += len(arrays)
         chunks = [embedder.embed_images(arrays[i:i + embedder.batch_size])
