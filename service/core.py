@@ -59,7 +59,9 @@ class Service:
         service.reembed_stale()
         galleries.rebuild()
         models.start()
-        log.info("wildreid service ready: models %s, galleries %s", models.describe()["models"], galleries.sizes())
+        served = "; ".join(f"{m['species']}: model {m['model']}, thresholds from {m['thresholds']['source']}"
+                           for m in models.describe()["models"])
+        log.info("wildreid service ready (%s); galleries %s", served, galleries.sizes())
         return service
 
     def close(self) -> None:

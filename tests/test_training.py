@@ -93,8 +93,10 @@ def test_existing_run_needs_resume_and_resume_of_finished_run_is_a_no_op(tmp_pat
     config = _config_file(tmp_path, "train.epochs=1")
     args = ["train", "--config", config, "--data", str(synth_csv), "--out", str(tmp_path / "run"), "--no-progress"]
     _reid(*args)
-    again = _reid(*args, check=False)
+    record = (tmp_path / "run" / "run.json").read_text()
+    again = _reid(*args, "--set", "seed=7", check=False)
     assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
+    assert (tmp_path / "run" / "run.json").read_text() == record  # the refused run wrote nothing
     assert _reid(*args, "--resume").returncode == 0
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["seed"] == 42 and record["config"]["train"]["epochs"] == 1 and "git_revision" in record

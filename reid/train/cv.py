@@ -17,7 +17,7 @@ from reid.io import atomic_path, write_json, write_text
 from reid.reproducibility import run_record
 from reid.train import distributed
 from reid.train.checkpoint import load_checkpoint
-from reid.train.trainer import FoldTrainer
+from reid.train.trainer import FoldTrainer, refuse_existing_run
 
 REPORTED = ("mAP", "identity_balanced_mAP", "top1")
 
@@ -46,6 +46,7 @@ def train_fold(cfg: dict, table: pd.DataFrame, data: str, out: str | Path, fold:
                resume: bool = False, progress: bool = True) -> dict:
     """`reid train`: one fold of the configured split, written straight into `out`."""
     out = Path(out)
+    refuse_existing_run(out, resume)
     folds = load_or_make_split(cfg, table, out)
     if not 0 <= fold < cfg["cv"]["folds"]:
         raise ReidError(f"--fold {fold} is outside 0..{cfg['cv']['folds'] - 1}")
@@ -58,6 +59,8 @@ def cross_validate(cfg: dict, table: pd.DataFrame, data: str, out: str | Path, r
                    progress: bool = True) -> dict:
     """`reid cv`: every fold, then `cv_summary.json` and `oof_embeddings.npz`."""
     out = Path(out)
+    for fold in range(cfg["cv"]["folds"]):
+        refuse_existing_run(out / f"fold_{fold}", resume)
     folds = load_or_make_split(cfg, table, out)
     _record_run(cfg, out, data, folds=cfg["cv"]["folds"])
     ctx = distributed.init()

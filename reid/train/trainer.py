@@ -53,6 +53,12 @@ class _EpochBatches:
         return len(self.batches)
 
 
+def refuse_existing_run(out: Path, resume: bool) -> None:
+    """A run over one that exists needs --resume; checked before anything (run.json, split.csv) is written."""
+    if not resume and ((out / "last.pt").exists() or (out / "summary.json").exists()):
+        raise ReidError(f"'{out}' already holds a run; pass --resume to continue it, or choose another --out")
+
+
 class FoldTrainer:
     def __init__(self, cfg: dict, table: pd.DataFrame, train_idx: np.ndarray, val_idx: np.ndarray,
                  out_dir: str | Path, progress: bool = True):
@@ -169,8 +175,7 @@ class FoldTrainer:
         if resume and summary_path.exists():
             self.log(f"{self.out} already finished; nothing to resume")
             return json.loads(summary_path.read_text())
-        if not resume and (self.last_path.exists() or summary_path.exists()):
-            raise ReidError(f"'{self.out}' already holds a run; pass --resume to continue it, or choose another --out")
+        refuse_existing_run(self.out, resume)
         if resume and self.last_path.exists():
             self.restore()
         elif self.cfg["train"]["init_from"]:
