@@ -201,7 +201,8 @@ class Service:
             fused = probabilities[start:start + len(animal.views)].mean(axis=0, keepdims=True)
             start += len(animal.views)
             names, scores = classifier.classifier.decide(fused)
-            animal.species, animal.species_score, animal.species_source = names[0], float(scores[0]), "classifier"
+            animal.species, animal.species_source = names[0], "classifier"
+            animal.species_score = round(float(scores[0]), 6)
 
     def require_model(self, species: str) -> SpeciesModel:
         model = self.models.model(species)
