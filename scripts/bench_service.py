@@ -173,6 +173,7 @@ def main() -> None:
                                                                     "(at least 8 per client)")
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--window-ms", type=float, default=2.0, help="the server's micro-batch window")
+    parser.add_argument("--threadpool", type=int, help="the server's threadpool_size (default: the setting's)")
     args = parser.parse_args()
 
     import httpx
@@ -201,7 +202,8 @@ def main() -> None:
         threads = torch.get_num_threads()
         settings = tmp / "settings.json"
         settings.write_text(json.dumps({"max_batch": args.batch_size, "batch_window_ms": args.window_ms,
-                                        "torch_threads": threads, "tta": args.tta}))
+                                        "torch_threads": threads, "tta": args.tta,
+                                        "threadpool_size": args.threadpool}))
         store = tmp / "store"
         from service.store import Store
 
@@ -226,19 +228,22 @@ def main() -> None:
                 return connection.request("POST", "/v1/identify", body, {"Content-Type": content_type})
 
             run_clients(server.url, 4, 16, identify)  # warm-up
-            def batch_totals() -> tuple[float, float]:
+            def batch_totals() -> tuple[float, float, float]:
+                """(images, batches, seconds) the model worker has run so far."""
                 text = httpx.get(server.url + "/metrics").text
                 values = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines()
-                          if line.startswith("wildreid_embed_batch_images_")}
-                return values["wildreid_embed_batch_images_sum"], values["wildreid_embed_batch_images_count"]
+                          if line.startswith("wildreid_embed_batch_")}
+                return (values["wildreid_embed_batch_images_sum"], values["wildreid_embed_batch_images_count"],
+                        values["wildreid_embed_batch_seconds_sum"])
 
             results = {}
             for c in levels:
-                images_before, batches_before = batch_totals()
+                before = batch_totals()
                 results[f"c{c}"] = run_clients(server.url, c, max(args.requests, 8 * c), identify, pid)
-                images_after, batches_after = batch_totals()
-                results[f"c{c}"]["mean_batch"] = round((images_after - images_before)
-                                                       / max(1.0, batches_after - batches_before), 2)
+                images, batches, seconds = (after - b for after, b in zip(batch_totals(), before))
+                results[f"c{c}"]["mean_batch"] = round(images / max(1.0, batches), 2)
+                # the forward's wall time per image in the server, against 1000 / offline img/s
+                results[f"c{c}"]["model_ms_per_image"] = round(1000 * seconds / max(1.0, images), 2)
                 print(f"identify c{c}: {results[f'c{c}']}", flush=True)
             metrics = httpx.get(server.url + "/metrics").text
         def metric(name: str) -> float:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
+import anyio
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -98,6 +100,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if settings.threadpool_size:
+            anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threadpool_size
         service = await run_in_threadpool(Service.open, settings, metrics)
         app.state.service = service
         try:

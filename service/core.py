@@ -110,8 +110,13 @@ class Service:
         return done
 
     # ------------------------------------------------------------------ photos to animals
-    async def find(self, files: list, bbox_texts: list[str], detection_texts: list[str], multi_animal: bool) -> Found:
-        """Read and decode a request's photos and find its animals (given boxes, detections, or whole photos)."""
+    async def find(self, files: list, bbox_texts: list[str], detection_texts: list[str], multi_animal: bool,
+                   species: str | None) -> Found:
+        """Read and decode a request's photos and find its animals (given boxes, detections, or whole photos).
+
+        Their species is `species`, else the store's only one when no classifier is configured (else
+        `classify` names it next); animals with a species and a model are preprocessed for it here, in
+        the same thread hop as decoding."""
         limit = self.settings.max_images_per_request
         if len(files) > limit:
             raise InvalidInput(f"{len(files)} images in one request; the limit is {limit}", code="too_many_images")
@@ -124,15 +129,15 @@ class Service:
         datas = [await read_upload(f, i, self.settings.max_upload_bytes) for i, f in enumerate(files)]
         names = [f.filename for f in files]
         with self.models.incoming():
-            return await run_in_threadpool(self._find, datas, names, plan, tables, multi_animal)
+            return await run_in_threadpool(self._find, datas, names, plan, tables, multi_animal, species)
 
     def draft_size(self, cropped: bool) -> int | None:
         """The JPEG decoding scale: reduced (faster) down to twice the largest model input for a photo
         taken whole; full resolution when boxes will be cut from it, whose pixels the crop needs."""
         return None if cropped else 2 * max(n.runner.image_size for n in self.models.networks.values())
 
-    def _find(self, datas: list[bytes], names: list, plan: list | None, tables: list | None,
-              multi_animal: bool) -> Found:
+    def _find(self, datas: list[bytes], names: list, plan: list | None, tables: list | None, multi_animal: bool,
+              species: str | None) -> Found:
         detector, source = self.models.detector, "detections"
         cropped = tables is not None or detector is not None or any(box for a in plan or [] for _, box in a)
         uploads = [decode_upload(data, i, name, self.settings.max_pixels, self.settings.allowed_formats,
@@ -146,7 +151,20 @@ class Service:
             animals, photos = detected_animals(uploads, tables, self.crops, source, fuse=multi_animal)
             if not multi_animal:
                 animals = enrollable(animals, photos)
+        if animals and (species is not None or self.models.classifier is None):
+            named, source = (species, "request") if species is not None else (self.store_species(), "store")
+            for animal in animals:
+                animal.species, animal.species_source = named, source
+            self._preprocess(animals)
         return Found(uploads, animals, photos)
+
+    def _preprocess(self, animals: list[Animal]) -> None:
+        """The model inputs of the animals that their species' model will identify."""
+        for animal in animals:
+            model = self.identifiable(animal)
+            if model is not None:
+                for view in animal.views:
+                    view.tensor = model.network.runner.preprocess(view.crop)
 
     # ------------------------------------------------------------------ species
     def _cached(self) -> dict:
@@ -159,8 +177,14 @@ class Service:
             self._cache = cache
         return cache
 
-    def check_species(self, species: str) -> None:
-        """404 for a species that no model serves by name and that was never enrolled."""
+    async def require_known_species(self, species: str) -> None:
+        """404 for a species that no route names and that was never enrolled (answered from the cache,
+        without a query or a thread hop, when it knows the species)."""
+        if species in self.models.routes or species in self._cache.get("all", ()):
+            return
+        await run_in_threadpool(self._check_species, species)
+
+    def _check_species(self, species: str) -> None:
         cache = self._cached()
         if species not in cache["all"] and species not in self.models.routes:
             known = ", ".join(sorted(set(cache["active"]) | set(self.models.routes))) or "none yet"
@@ -179,21 +203,12 @@ class Service:
                                                     "species classifier)"), code="species_required")
         return active[0]
 
-    async def assign_species(self, found: Found, requested: str | None) -> None:
-        """Each animal's species: the request's, else the classifier's (fused over its views), else the store's."""
-        animals = found.animals
+    async def classify(self, found: Found) -> None:
+        """The classifier's species (fused over each animal's views) for the animals `find` left unnamed."""
+        animals = [animal for animal in found.animals if animal.species is None]
         if not animals:
             return
-        if requested is not None:
-            for animal in animals:
-                animal.species, animal.species_source = requested, "request"
-            return
         classifier = self.models.classifier
-        if classifier is None:
-            species = await run_in_threadpool(self.store_species)
-            for animal in animals:
-                animal.species, animal.species_source = species, "store"
-            return
         crops = [classifier.classifier.cut(found.uploads[v.image].array, v.box) for a in animals for v in a.views]
         probabilities = await classifier.probabilities(crops)
         start = 0
@@ -203,6 +218,8 @@ class Service:
             names, scores = classifier.classifier.decide(fused)
             animal.species, animal.species_source = names[0], "classifier"
             animal.species_score = round(float(scores[0]), 6)
+        with self.models.incoming():
+            await run_in_threadpool(self._preprocess, animals)
 
     def require_model(self, species: str) -> SpeciesModel:
         model = self.models.model(species)
@@ -214,11 +231,8 @@ class Service:
 
     # ------------------------------------------------------------------ embedding
     async def embed(self, model: SpeciesModel, views: list[View]) -> np.ndarray:
-        """Embeddings of views by a species' network (preprocessed in the threadpool, batched across requests)."""
-        runner = model.network.runner
-        with model.network.batcher.incoming():
-            tensors = await run_in_threadpool(lambda: [runner.preprocess(v.crop) for v in views])
-        return await model.network.batcher.embed(tensors)
+        """Embeddings of preprocessed views by a species' network, batched across requests."""
+        return await model.network.batcher.embed([view.tensor for view in views])
 
     def identifiable(self, animal: Animal) -> SpeciesModel | None:
         """The model that identifies an animal, None when it gets a species-only answer."""
@@ -240,7 +254,7 @@ class Service:
         """The photos of one individual to store: each shows it once (404/409/422 otherwise), embedded by
         its species' model."""
         model = self.require_model(species)
-        found = await self.find(files, bbox_texts, detection_texts, multi_animal=False)
+        found = await self.find(files, bbox_texts, detection_texts, multi_animal=False, species=species)
         views = [view for animal in found.animals for view in animal.views]
         return found, views, await self.embed(model, views), model
 

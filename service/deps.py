@@ -21,7 +21,7 @@ class Caller:
     key_name: str | None
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:  # async: a plain def would cost a threadpool hop per request
     service = getattr(request.app.state, "service", None)
     if service is None:
         raise NotReady("the service is starting or stopping")

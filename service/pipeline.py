@@ -30,11 +30,13 @@ Box = tuple[float, float, float, float]
 
 @dataclass
 class View:
-    """One photo's view of an animal: the photo, the box (None: the whole photo) and the crop."""
+    """One photo's view of an animal: the photo, the box (None: the whole photo), the crop, and the
+    crop preprocessed for the model of the animal's species."""
     image: int
     box: Box | None
     conf: float | None
     crop: np.ndarray
+    tensor: object | None = None
 
 
 @dataclass

@@ -66,6 +66,8 @@ class Settings(BaseModel):
     max_batch: int | None = Field(None, ge=1, description="most images per forward pass (default: the "
                                                           "checkpoint's eval batch size)")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+    threadpool_size: int | None = Field(None, ge=1, description="threads that decode, crop and search for requests "
+                                                               "at once (default: anyio's 40)")
 
     # storage
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"

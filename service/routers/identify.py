@@ -5,6 +5,7 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Form
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import ReaderDep, ServiceDep
@@ -18,7 +19,7 @@ router = APIRouter(prefix="/v1", tags=["identify"])
 @router.post("/identify", response_model=IdentifyResponse, responses=errors(400, 401, 403, 404, 409, 413, 415, 422),
              summary="Identify the animals in one encounter's photos")
 async def identify(service: ServiceDep, caller: ReaderDep,
-                   form: Annotated[IdentifyForm, Form(media_type="multipart/form-data")]) -> IdentifyResponse:
+                   form: Annotated[IdentifyForm, Form(media_type="multipart/form-data")]) -> JSONResponse:
     """The animals are the request's `bbox` boxes or `detections` (MegaDetector's), else those the service's
     detector finds, else each photo whole. When no photo shows more than one animal, the photos are one
     animal seen several times: their embeddings are fused (mean, normalised again) into one query. Each
@@ -30,9 +31,9 @@ async def identify(service: ServiceDep, caller: ReaderDep,
     if top_k > settings.max_top_k:
         raise InvalidInput(f"top_k is {top_k}; the most is {settings.max_top_k}", code="top_k_too_large")
     if form.species is not None:
-        await run_in_threadpool(service.check_species, form.species)
-    found = await service.find(form.images, form.bbox, form.detections, multi_animal=True)
-    await service.assign_species(found, form.species)
+        await service.require_known_species(form.species)
+    found = await service.find(form.images, form.bbox, form.detections, multi_animal=True, species=form.species)
+    await service.classify(found)
     models = [service.identifiable(animal) for animal in found.animals]
     searched = [(animal, model) for animal, model in zip(found.animals, models) if model is not None]
     vectors = await asyncio.gather(*(service.embed(model, animal.views) for animal, model in searched))
@@ -53,4 +54,6 @@ async def identify(service: ServiceDep, caller: ReaderDep,
             candidates=[Candidate(**c) for c in result["candidates"]], note=service.species_only_reason(animal),
             model=result.get("model"), gallery_size=result["gallery_size"],
             thresholds=Thresholds(**result["thresholds"]) if "thresholds" in result else None))
-    return IdentifyResponse(animals=out, photos=[PhotoOut(**vars(photo)) for photo in found.photos])
+    answer = IdentifyResponse(animals=out, photos=[PhotoOut(**vars(photo)) for photo in found.photos])
+    # built and checked once here: returned as a model, FastAPI would validate it a second time
+    return JSONResponse(answer.model_dump(mode="json"))
