@@ -26,6 +26,8 @@ from reid.io import atomic_path
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
 
 READ_CHUNK = 1024 * 1024
+ORIENTATION = 0x0112
+TRANSPOSING = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 # uploads past max_pixels are refused explicitly; Pillow's warning between 1x and 2x its limit is noise here
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif", "GIF": ".gif"}
@@ -94,6 +96,8 @@ def decode_upload(data: bytes, index: int, filename: str | None, max_pixels: int
                                   f"{max_pixels} pixels", code="too_many_pixels")
         if width < 1 or height < 1:
             raise InvalidInput(f"{label} has no pixels ({width}x{height})", code="corrupt_image")
+        if image.getexif().get(ORIENTATION) in TRANSPOSING:
+            width, height = height, width  # the photo as shown, as the decoded array is
         if draft_size and fmt == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
         image.load()
@@ -108,8 +112,8 @@ def decode_upload(data: bytes, index: int, filename: str | None, max_pixels: int
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as exc:
         raise InvalidInput(f"{label} is truncated or corrupt and cannot be decoded ({exc})",
                            code="corrupt_image") from None
-    return Upload(data, filename, hashlib.sha256(data).hexdigest(), fmt, int(array.shape[1]), int(array.shape[0]),
-                  array)
+    # width and height are the file's own, not those of a reduced-scale (draft) decoding
+    return Upload(data, filename, hashlib.sha256(data).hexdigest(), fmt, int(width), int(height), array)
 
 
 def parse_bbox(text: str, index: int = 0) -> tuple[float, float, float, float]:
