@@ -20,7 +20,7 @@ from service.errors import Conflict, InvalidInput, NotFound
 from service.gallery import Galleries
 from service.images import decode_upload, parse_bbox, read_upload, store_file
 from service.metrics import Metrics
-from service.models import Models, SpeciesModel
+from service.models import Models, SpeciesRoute
 from service.pipeline import (Animal, Found, View, detected_animals, enrollable, given_animals, parse_detections,
                               plan_bboxes)
 from service.settings import Settings
@@ -221,7 +221,7 @@ class Service:
         with self.models.incoming():
             await run_in_threadpool(self._preprocess, animals)
 
-    def require_model(self, species: str) -> SpeciesModel:
+    def require_model(self, species: str) -> SpeciesRoute:
         model = self.models.model(species)
         if model is None:
             served = ", ".join(self.models.routes) or "none"
@@ -230,11 +230,11 @@ class Service:
         return model
 
     # ------------------------------------------------------------------ embedding
-    async def embed(self, model: SpeciesModel, views: list[View]) -> np.ndarray:
+    async def embed(self, model: SpeciesRoute, views: list[View]) -> np.ndarray:
         """Embeddings of preprocessed views by a species' network, batched across requests."""
         return await model.network.batcher.embed([view.tensor for view in views])
 
-    def identifiable(self, animal: Animal) -> SpeciesModel | None:
+    def identifiable(self, animal: Animal) -> SpeciesRoute | None:
         """The model that identifies an animal, None when it gets a species-only answer."""
         if animal.too_small or animal.species in (None, UNKNOWN):
             return None
@@ -250,7 +250,7 @@ class Service:
         return None
 
     async def embed_individual(self, species: str, files: list, bbox_texts: list[str],
-                               detection_texts: list[str]) -> tuple[Found, list[View], np.ndarray, SpeciesModel]:
+                               detection_texts: list[str]) -> tuple[Found, list[View], np.ndarray, SpeciesRoute]:
         """The photos of one individual to store: each shows it once (404/409/422 otherwise), embedded by
         its species' model."""
         model = self.require_model(species)
@@ -259,7 +259,7 @@ class Service:
         return found, views, await self.embed(model, views), model
 
     # ------------------------------------------------------------------ identify
-    def search(self, animals: list[tuple[Animal, SpeciesModel, np.ndarray]], top_k: int) -> list[dict]:
+    def search(self, animals: list[tuple[Animal, SpeciesRoute, np.ndarray]], top_k: int) -> list[dict]:
         """Each animal's fused query searched in its species' gallery: candidates and decision."""
         cache = self._cached()  # brings the galleries up to date first
         results = []
@@ -300,7 +300,7 @@ class Service:
         return out
 
     def enroll(self, name: str, species: str, found: Found, views: list[View], vectors: np.ndarray,
-               model: SpeciesModel, key_name: str | None, notes: str, observed_at: str | None,
+               model: SpeciesRoute, key_name: str | None, notes: str, observed_at: str | None,
                location: str | None) -> dict:
         rows = self.new_images(found, views, vectors)
         result = self.store.enroll(name, species, rows, model.network.stamp, key_name, notes, observed_at, location)
@@ -308,7 +308,7 @@ class Service:
         return result
 
     def add_sighting(self, individual_id: int, found: Found, views: list[View], vectors: np.ndarray,
-                     model: SpeciesModel, key_name: str | None, notes: str, observed_at: str | None,
+                     model: SpeciesRoute, key_name: str | None, notes: str, observed_at: str | None,
                      location: str | None) -> dict:
         self.store.require_live(individual_id, "add images to")  # 404 / 409 before any file is written
         rows = self.new_images(found, views, vectors)

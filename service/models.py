@@ -40,7 +40,7 @@ class Network:
 
 
 @dataclass
-class SpeciesModel:
+class SpeciesRoute:
     """How one species is identified: its network and its decision thresholds."""
     species: str
     network: Network
@@ -96,8 +96,9 @@ class Models:
         self.settings, self.metrics = settings, metrics
         self.crop_settings = settings.crop_settings()
         self.networks: dict[str, Network] = {}
-        self.routes: dict[str, SpeciesModel] = {}
-        self.default: SpeciesModel | None = None
+        self.routes: dict[str, SpeciesRoute] = {}
+        self.default: SpeciesRoute | None = None
+        self._defaulted: dict[str, SpeciesRoute] = {}
         fallback = {"match_threshold": settings.match_threshold, "new_threshold": settings.new_threshold}
         if settings.routes is not None:
             router = Router.from_file(settings.routes, defaults=fallback)
@@ -107,12 +108,12 @@ class Models:
                 except ValueError as exc:
                     raise ConfigError(f"{settings.routes}: species '{name}': {exc}") from None
                 source = route.threshold_source.replace("default", "settings")
-                self.routes[species] = SpeciesModel(species, self._network(route.embedder, route.checkpoint,
+                self.routes[species] = SpeciesRoute(species, self._network(route.embedder, route.checkpoint,
                                                                            route.tta), route.thresholds, source)
         if settings.checkpoint is not None:
             embedder = Embedder.from_checkpoint(settings.checkpoint, tta=settings.tta, num_workers=0)
             thresholds, source = load_thresholds(embedder, settings)
-            self.default = SpeciesModel("*", self._network(embedder, settings.checkpoint, settings.tta), thresholds,
+            self.default = SpeciesRoute("*", self._network(embedder, settings.checkpoint, settings.tta), thresholds,
                                         source)
         self.detector = self._detector(settings)
         self.classifier = (SpeciesClassifierRunner(settings.species_classifier, settings.species_threshold, settings,
@@ -143,11 +144,15 @@ class Models:
         return LockedDetector(MegaDetector(settings.detector, threshold=lowest, device=device), "megadetector")
 
     # ------------------------------------------------------------------ lookups
-    def model(self, species: str) -> SpeciesModel | None:
+    def model(self, species: str) -> SpeciesRoute | None:
         """The re-ID model of a species, None when nothing serves it."""
         if species in self.routes:
             return self.routes[species]
-        return dataclasses.replace(self.default, species=species) if self.default else None
+        if self.default is None:
+            return None
+        if species not in self._defaulted:  # memoised: galleries ask once per stored image at start
+            self._defaulted[species] = dataclasses.replace(self.default, species=species)
+        return self._defaulted[species]
 
     def layout(self, species: str) -> tuple[str, int] | None:
         """(vector stamp, dimension) of a species' gallery, None when it has no model (for Galleries)."""
@@ -156,7 +161,7 @@ class Models:
 
     def describe(self) -> dict:
         """What serves which species (for /ready)."""
-        def entry(model: SpeciesModel) -> dict:
+        def entry(model: SpeciesRoute) -> dict:
             network = model.network
             return {"species": model.species, "model": network.stamp, "checkpoint": str(network.checkpoint),
                     "tta": network.tta, "embedding_dim": network.runner.dim,
