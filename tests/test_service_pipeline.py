@@ -246,3 +246,20 @@ def test_a_box_is_cut_from_the_full_resolution_photo(world, client):
     expected = Embedder.from_checkpoint(world["root"] / "cat.pt").embed_images([CropSettings().cut(full, box)])[0]
     assert np.allclose(blob_to_vector(stored.embedding), expected, atol=1e-5)
     client.delete(f"/v1/individuals/{r.json()['id']}")
+
+
+def test_identify_batch_reads_what_the_service_enrolled_without_embedding_again(world, client, enrolled, tmp_path):
+    """One crop pipeline: the batch run cuts the frames' boxes as the service cut the enrolled ones."""
+    from reid.species.batch import SpeciesNetFile, identify_batch
+    from reid.species.routing import Router
+    from tests.test_identify_batch import speciesnet_file
+
+    species = SpeciesNetFile(speciesnet_file(tmp_path / "speciesnet.json", world["truth"]), world["images"])
+    result = identify_batch(world["images"], tmp_path / "results.csv", Router.from_file(world["routes"]),
+                            client.app.state.service.settings.store_dir, species_source=species,
+                            detections=world["images"].parent / "detections.json", progress=False)
+    assert result.reembedded == 0  # the stored vectors' stamp is the batch run's own
+    rows = result.rows
+    for identity, info in enrolled.items():
+        row = rows[(rows.file == info["file"]) & (rows.detection == info["detection"])].iloc[0]
+        assert (row.decision, int(row.individual_id)) == ("match", info["id"]) and float(row.score) >= 0.9999
