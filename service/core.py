@@ -134,7 +134,7 @@ class Service:
     def draft_size(self, cropped: bool) -> int | None:
         """The JPEG decoding scale: reduced (faster) down to twice the largest model input for a photo
         taken whole; full resolution when boxes will be cut from it, whose pixels the crop needs."""
-        return None if cropped else 2 * max(n.runner.image_size for n in self.models.networks.values())
+        return None if cropped else self.models.draft_size
 
     def _find(self, datas: list[bytes], names: list, plan: list | None, tables: list | None, multi_animal: bool,
               species: str | None) -> Found:

@@ -101,21 +101,23 @@ class Models:
         self._defaulted: dict[str, SpeciesRoute] = {}
         fallback = {"match_threshold": settings.match_threshold, "new_threshold": settings.new_threshold}
         if settings.routes is not None:
-            router = Router.from_file(settings.routes, defaults=fallback)
+            router = Router.from_file(settings.routes, defaults=fallback, defaults_source="settings")
             for name, route in router.routes.items():
                 try:
                     species = normalise_species(name)
                 except ValueError as exc:
                     raise ConfigError(f"{settings.routes}: species '{name}': {exc}") from None
-                source = route.threshold_source.replace("default", "settings")
                 self.routes[species] = SpeciesRoute(species, self._network(route.embedder, route.checkpoint,
-                                                                           route.tta), route.thresholds, source)
+                                                                           route.tta), route.thresholds,
+                                                    route.threshold_source)
         if settings.checkpoint is not None:
             embedder = Embedder.from_checkpoint(settings.checkpoint, tta=settings.tta, num_workers=0)
             thresholds, source = load_thresholds(embedder, settings)
             self.default = SpeciesRoute("*", self._network(embedder, settings.checkpoint, settings.tta), thresholds,
                                         source)
         self.detector = self._detector(settings)
+        # JPEGs taken whole are decoded down to twice the largest input of any network
+        self.draft_size = 2 * max(n.runner.image_size for n in self.networks.values())
         self.classifier = (SpeciesClassifierRunner(settings.species_classifier, settings.species_threshold, settings,
                                                    metrics) if settings.species_classifier else None)
 
@@ -129,8 +131,7 @@ class Models:
                 embedder.fingerprint, self.crop_settings), Path(checkpoint).absolute(), tta)
         return self.networks[embedder.fingerprint]
 
-    @staticmethod
-    def _detector(settings: Settings) -> LockedDetector | None:
+    def _detector(self, settings: Settings) -> LockedDetector | None:
         if settings.detector is None:
             return None
         import torch
@@ -138,7 +139,7 @@ class Models:
         from reid.species.detector import MegaDetector
 
         device = settings.detector_device or ("cuda:0" if torch.cuda.is_available() else "cpu")
-        crops = settings.crop_settings()
+        crops = self.crop_settings
         # boxes below every category's threshold would be dropped anyway: not worth the detector's NMS
         lowest = min([*crops.thresholds.values(), crops.default_threshold])
         return LockedDetector(MegaDetector(settings.detector, threshold=lowest, device=device), "megadetector")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -31,6 +31,11 @@ def _name(value: str | None) -> str | None:
     return value
 
 
+# where the animals are, instead of a bbox (the same field on every form that takes photos)
+Detections = Annotated[list[str], Field(description="one per image: the 'detections' list MegaDetector wrote for it "
+                                                    "(JSON), instead of a bbox")]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -45,8 +50,7 @@ class IdentifyForm(Strict):
     top_k: int | None = Field(None, ge=1, description="candidate individuals to return")
     bbox: list[str] = Field(default_factory=list, description="x,y,w,h normalised to 0..1: one for every photo, "
                                                               "one per photo, or several for a single photo")
-    detections: list[str] = Field(default_factory=list, description="one per image: the 'detections' list MegaDetector "
-                                                                    "wrote for it (JSON), instead of a bbox")
+    detections: Detections = []
 
     @field_validator("species")
     @classmethod
@@ -64,8 +68,7 @@ class EnrollForm(Strict):
     location: str | None = Field(None, max_length=200)
     bbox: list[str] = Field(default_factory=list, description="x,y,w,h normalised: one for every photo or one per "
                                                               "photo (default: the detector's box, else the whole image)")
-    detections: list[str] = Field(default_factory=list, description="one per image: the 'detections' list MegaDetector "
-                                                                    "wrote for it (JSON), instead of a bbox")
+    detections: Detections = []
 
     @field_validator("name")
     @classmethod
@@ -87,8 +90,7 @@ class SightingForm(Strict):
     observed_at: str | None = Field(None, max_length=64)
     location: str | None = Field(None, max_length=200)
     bbox: list[str] = Field(default_factory=list)
-    detections: list[str] = Field(default_factory=list, description="one per image: the 'detections' list MegaDetector "
-                                                                    "wrote for it (JSON), instead of a bbox")
+    detections: Detections = []
 
 
 # ---------------------------------------------------------------------- requests (JSON)

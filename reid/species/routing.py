@@ -70,11 +70,13 @@ class Router:
     """`route(species)`: that species' Route, or None when no re-ID model is configured for it."""
 
     def __init__(self, mapping: Mapping[str, Any], source: str = "routes", base: str | Path | None = None,
-                 defaults: Mapping[str, float] | None = None):
+                 defaults: Mapping[str, float] | None = None, defaults_source: str = "default"):
         """`mapping` is the routes file's content ({"species": {...}}), or directly {species: route};
-        `defaults` are the thresholds of routes whose checkpoint holds no calibration."""
+        `defaults` are the thresholds of routes whose checkpoint holds no calibration, reported as
+        coming from `defaults_source`."""
         self.source = str(source)
         self.defaults = dict(defaults or DEFAULT_THRESHOLDS)
+        self.defaults_source = defaults_source
         base = Path(base) if base is not None else Path.cwd()
         if not isinstance(mapping, Mapping):
             raise ConfigError(f"{self.source}: must be a mapping with a 'species' key, not {type(mapping).__name__}")
@@ -92,7 +94,8 @@ class Router:
         self._thresholds: dict[str, tuple[dict, str]] = {}
 
     @classmethod
-    def from_file(cls, path: str | Path, defaults: Mapping[str, float] | None = None) -> "Router":
+    def from_file(cls, path: str | Path, defaults: Mapping[str, float] | None = None,
+                  defaults_source: str = "default") -> "Router":
         import yaml
 
         path = Path(path)
@@ -108,7 +111,7 @@ class Router:
         if not isinstance(data["species"], Mapping):
             raise ConfigError(f"{path}: species: must map species names to routes, not "
                               f"{type(data['species']).__name__}")
-        return cls(data, source=str(path), base=path.parent, defaults=defaults)
+        return cls(data, source=str(path), base=path.parent, defaults=defaults, defaults_source=defaults_source)
 
     @classmethod
     def single(cls, checkpoint: str | Path, species: str, tta: str = "none") -> "Router":
@@ -174,7 +177,7 @@ class Router:
         A route that sets only one of the two takes the other from the checkpoint or the defaults."""
         if route.species not in self._thresholds:
             calibrated = self.embedder(route).thresholds
-            base, source = (dict(calibrated), "checkpoint") if calibrated else (dict(self.defaults), "default")
+            base, source = (dict(calibrated), "checkpoint") if calibrated else (dict(self.defaults), self.defaults_source)
             own = {k: v for k, v in (("match_threshold", route.match_threshold),
                                      ("new_threshold", route.new_threshold)) if v is not None}
             thresholds = {**base, **own}

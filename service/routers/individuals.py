@@ -76,15 +76,17 @@ async def merge_individual(individual_id: IndividualId, body: MergeRequest, serv
 @router.delete("/{individual_id}", response_model=IndividualOut, responses=WRITE_ERRORS,
                summary="Delete an individual (soft: POST .../restore brings it back)")
 async def delete_individual(individual_id: IndividualId, service: ServiceDep, caller: WriterDep) -> IndividualOut:
-    await run_in_threadpool(service.store.set_deleted, individual_id, True, caller.key_name)
-    await run_in_threadpool(service.after_write)
-    return individual(await run_in_threadpool(service.store.get_individual, individual_id))
+    return await _set_deleted(service, individual_id, True, caller)
 
 
 @router.post("/{individual_id}/restore", response_model=IndividualOut, responses=WRITE_ERRORS,
              summary="Restore a deleted individual")
 async def restore_individual(individual_id: IndividualId, service: ServiceDep, caller: WriterDep) -> IndividualOut:
-    await run_in_threadpool(service.store.set_deleted, individual_id, False, caller.key_name)
+    return await _set_deleted(service, individual_id, False, caller)
+
+
+async def _set_deleted(service, individual_id: int, deleted: bool, caller) -> IndividualOut:
+    await run_in_threadpool(service.store.set_deleted, individual_id, deleted, caller.key_name)
     await run_in_threadpool(service.after_write)
     return individual(await run_in_threadpool(service.store.get_individual, individual_id))
 
