@@ -23,6 +23,9 @@ DEFAULTS: dict[str, Any] = {
         "hflip": "auto",          # auto: off when a viewpoint column tells flanks apart
         "cache_images": False,    # keep decoded, resized images in RAM (small datasets)
         "num_workers": 2,
+        "crop_scale": 1.0,        # < 1: random resized crops keeping at least this share of the area
+        "grayscale_p": 0.0,       # probability of a grayscale training image
+        "erasing_p": 0.3,         # probability of erasing one or two random patches
     },
     "model": {
         "backbone": "hf-hub:BVRA/MegaDescriptor-L-384",
@@ -40,11 +43,13 @@ DEFAULTS: dict[str, Any] = {
         "arcface_scale": 64.0,
         "subcenters": 1,             # >1: sub-center ArcFace
         "triplet_margin": 0.3,
+        "classes": "auto",           # identity | identity_viewpoint; auto: one class per flank when flanks are named
     },
     "sampler": {
         "p": 16,                  # identities per batch
         "k": 4,                   # images per identity
-        "batches_per_epoch": None,  # default: images // (p * k)
+        "batches_per_epoch": None,  # default: images // (p * k), at least min_batches_per_epoch
+        "min_batches_per_epoch": 0,  # floor on an epoch's optimiser steps, for small tables
     },
     "train": {
         "epochs": 30,
@@ -60,6 +65,10 @@ DEFAULTS: dict[str, Any] = {
         "min_delta": 0.0,
         "checkpoint_every": 0,    # optimiser steps between mid-epoch checkpoints; 0: epoch end only
         "init_from": None,        # checkpoint whose backbone and neck start the run
+        "freeze_bn": False,       # keep the backbone's BatchNorm statistics as pretrained
+        "frozen_layers": 0,       # lowest backbone layer groups (stages/blocks) kept frozen ...
+        "frozen_epochs": 0,       # ... for this many first epochs (0 with frozen_layers > 0: the whole run)
+        "ema_decay": 0.0,         # > 0: validate and keep an exponential moving average of the weights
     },
     "cv": {
         "folds": 5,
@@ -67,6 +76,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "eval": {
         "batch_size": 64,
+        "train_probe_images": 256,  # training images scored each epoch next to held-out (0: off)
     },
     "index": {
         "kind": "auto",             # auto: exact flat up to ann_threshold vectors, else ivfpq
@@ -122,6 +132,25 @@ def resolve_config_path(name: str | Path) -> Path:
     raise ConfigError(f"config file '{name}' not found; give a YAML path or one of: {known}")
 
 
+def nested(dotted: str, value: Any) -> dict:
+    """'train.epochs', 3 -> {'train': {'epochs': 3}}."""
+    out: dict = {}
+    node = out
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def with_values(cfg: dict, values: dict[str, Any]) -> dict:
+    """A copy of `cfg` with each dotted key set to its value, checked as overrides are."""
+    out = copy.deepcopy(cfg)
+    for dotted, value in values.items():
+        _merge(out, nested(dotted, value))
+    return out
+
+
 def parse_override(text: str) -> dict:
     """'train.epochs=3' -> {'train': {'epochs': 3}}; the value is read as YAML."""
     if "=" not in text:
@@ -131,13 +160,7 @@ def parse_override(text: str) -> dict:
         value = yaml.safe_load(raw) if raw else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
-    out: dict = {}
-    node = out
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
+    return nested(key, value)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:

@@ -90,3 +90,17 @@ def test_invalid_settings():
         PKSampler(_labels(), p=2, k=2, seed=0, batches_per_epoch=0)
     with pytest.raises(ValueError):
         PKSampler(_labels(), p=2, k=2, seed=0).for_epoch(0, rank=2, world_size=2)
+
+
+def test_epoch_length_is_one_pass_with_a_floor_or_as_given():
+    from reid.data.samplers import epoch_length
+
+    assert epoch_length(213, 8, 4) == 6  # one pass over the images
+    assert epoch_length(213, 8, 4, min_batches_per_epoch=25) == 25  # small table: the floor holds
+    assert epoch_length(10_000, 8, 4, min_batches_per_epoch=25) == 312  # large table: one pass is longer
+    assert epoch_length(213, 8, 4, batches_per_epoch=3, min_batches_per_epoch=25) == 3  # explicit wins
+    assert epoch_length(5, 8, 4) == 1
+    assert len(PKSampler(_labels(), 4, 2, seed=0, min_batches_per_epoch=9)) == 9
+    assert len(PKSampler(_labels(), 4, 2, seed=0, min_batches_per_epoch=9).epoch_batches(0)) == 9
+    with pytest.raises(ConfigError, match="min_batches_per_epoch"):
+        epoch_length(100, 4, 4, min_batches_per_epoch=-1)

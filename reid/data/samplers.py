@@ -12,6 +12,24 @@ from reid.errors import ConfigError, DataError
 Batch = list[tuple[int, int]]  # (dataset index, augmentation seed) per image
 
 
+def epoch_length(images: int, p: int, k: int, batches_per_epoch: int | None = None,
+                 min_batches_per_epoch: int = 0) -> int:
+    """Batches an epoch: `batches_per_epoch` when given, else one pass over the images
+    (images // (P x K)) but at least `min_batches_per_epoch`.
+
+    One pass over a small table is a handful of optimiser steps (213 photos in P=8 x K=4 batches
+    are 6), far too few for an epoch of a network trained from scratch, and validation, early
+    stopping and the LR schedule all count in epochs; the floor keeps an epoch a meaningful unit.
+    """
+    if batches_per_epoch is not None and batches_per_epoch < 1:
+        raise ConfigError(f"sampler.batches_per_epoch must be at least 1 (got {batches_per_epoch})")
+    if min_batches_per_epoch < 0:
+        raise ConfigError(f"sampler.min_batches_per_epoch must be 0 or more (got {min_batches_per_epoch})")
+    if batches_per_epoch is not None:
+        return batches_per_epoch
+    return max(1, images // (p * k), min_batches_per_epoch)
+
+
 class PKSampler:
     """Batches of `p` distinct identities x `k` images, as `(dataset index, augmentation seed)`.
 
@@ -20,11 +38,10 @@ class PKSampler:
     but give the triplet loss no positive pair.
     """
 
-    def __init__(self, labels: np.ndarray, p: int, k: int, seed: int, batches_per_epoch: int | None = None):
+    def __init__(self, labels: np.ndarray, p: int, k: int, seed: int, batches_per_epoch: int | None = None,
+                 min_batches_per_epoch: int = 0):
         if p < 1 or k < 1:
             raise ConfigError(f"sampler.p and sampler.k must be at least 1 (got p={p}, k={k})")
-        if batches_per_epoch is not None and batches_per_epoch < 1:
-            raise ConfigError(f"sampler.batches_per_epoch must be at least 1 (got {batches_per_epoch})")
         identities, inverse = np.unique(np.asarray(labels), return_inverse=True)
         if len(identities) < p:
             raise DataError(f"the training data has {len(identities)} identities but a batch needs sampler.p={p}; "
@@ -33,7 +50,7 @@ class PKSampler:
         by_identity = np.argsort(inverse, kind="stable")
         self.members = np.split(by_identity, np.cumsum(np.bincount(inverse))[:-1])
         self.p, self.k, self.seed = p, k, seed
-        self.batches_per_epoch = batches_per_epoch or max(1, len(labels) // (p * k))
+        self.batches_per_epoch = epoch_length(len(labels), p, k, batches_per_epoch, min_batches_per_epoch)
 
     def __len__(self) -> int:
         return self.batches_per_epoch

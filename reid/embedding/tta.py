@@ -7,6 +7,8 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from reid.data.classes import flank_count
+
 # dims of an NCHW batch to flip for each view: W is 3 (horizontal), H is 2 (vertical)
 TTA_VIEWS: dict[str, tuple[tuple[int, ...], ...]] = {
     "none": ((),),
@@ -28,10 +30,7 @@ def views(images: torch.Tensor, tta: str) -> list[torch.Tensor]:
 
 def flank_warning(table: pd.DataFrame, tta: str) -> str | None:
     """A warning when horizontal flips would average a left flank with a fake right one."""
-    if 3 not in {d for dims in TTA_VIEWS[check_tta(tta)] for d in dims} or "viewpoint" not in table.columns:
-        return None
-    named = table["viewpoint"].dropna().astype(str).str.strip()
-    if named[named != ""].nunique() < 2:
+    if 3 not in {d for dims in TTA_VIEWS[check_tta(tta)] for d in dims} or flank_count(table) < 2:
         return None
     return (f"TTA '{tta}' flips images horizontally, but the viewpoint column tells flanks apart: a flipped "
             "left flank looks like a right one, which can blur identities; consider --tta none")
