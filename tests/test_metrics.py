@@ -121,3 +121,28 @@ def test_bad_inputs_are_refused():
         retrieval_metrics(np.full((1, 2), np.nan), ["a"], _unit(0.0), ["a"])
     with pytest.raises(ValueError, match="same_set"):
         chance_metrics(["a"], ["a", "b"], same_set=True)
+
+
+def test_flank_splits_on_a_hand_computed_case():
+    # one query (a, left) against a: left 0.5, right 0.8 and b: left 0.9, right 0.1
+    scores = np.array([[0.5, 0.9, 0.8, 0.1]], dtype=np.float32)
+    metrics = retrieval_metrics(np.zeros((1, 2)), ["a"], np.zeros((4, 2)), ["a", "b", "a", "b"],
+                                score_rows=lambda start, stop: scores[start:stop].copy(),
+                                query_views=["left"], gallery_views=["left", "left", "right", "right"])
+    # all: b-left, a-right, a-left, b-right -> positives at ranks 2 and 3
+    assert metrics["mAP"] == pytest.approx((1 / 2 + 2 / 3) / 2) and metrics["top1"] == 0
+    # same flank sees a-left and b-left only: the positive at rank 2
+    assert metrics["same_flank"]["mAP"] == pytest.approx(0.5) and metrics["same_flank"]["top1"] == 0
+    # cross flank sees a-right and b-right only: the positive first
+    assert metrics["cross_flank"]["mAP"] == pytest.approx(1.0) and metrics["cross_flank"]["top1"] == 1
+
+
+def test_flank_splits_skip_queries_without_a_viewpoint_and_need_both_view_lists():
+    scores = np.array([[0.9, 0.1], [0.2, 0.8]], dtype=np.float32)
+    metrics = retrieval_metrics(np.zeros((2, 2)), ["a", "b"], np.zeros((2, 2)), ["a", "b"],
+                                score_rows=lambda start, stop: scores[start:stop].copy(),
+                                query_views=["left", None], gallery_views=["left", "left"])
+    assert metrics["queries"] == 2
+    assert metrics["same_flank"]["queries"] == 1 and metrics["same_flank"]["skipped_queries"] == 1
+    with pytest.raises(ValueError, match="together"):
+        retrieval_metrics(np.eye(2), ["a", "b"], np.eye(2), ["a", "b"], query_views=["left", "left"])

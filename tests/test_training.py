@@ -135,6 +135,19 @@ def test_cv_writes_summary_and_out_of_fold_embeddings(tmp_path, synth_csv):
     assert sorted(set(oof["fold"].tolist())) == [0, 1, 2]
     for fold in range(3):
         assert (out / f"fold_{fold}" / "best.pt").exists() and (out / f"fold_{fold}" / "metrics.jsonl").exists()
+        assert (out / f"fold_{fold}" / "curves.png").stat().st_size > 0
+    assert (out / "curves.png").stat().st_size > 0
+    # the synthetic table names flanks: classes per (identity, flank), and the flank splits beside the overall
+    assert "same-flank" in proc.stdout and "one class per flank" not in proc.stdout
+    for split in ("same_flank", "cross_flank"):
+        assert 0 <= summary[split]["mAP"]["mean"] <= 1 and 0 < summary[split]["chance_mAP"] < 1
+    row = json.loads((out / "fold_0" / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(row["train_loss_parts"]) == {"arcface", "triplet"}
+    assert set(row["lr"]) == {"backbone_bottom", "backbone_top", "head"} and row["gem_p"] > 0
+    assert 0 <= row["train_probe"]["mAP"] <= 1 and row["train_probe"]["queries"] > 0
+    assert "same_flank" in row["val"] and oof["viewpoint"].tolist().count("left") > 0
+    best = torch.load(out / "fold_0" / "best.pt", weights_only=False)
+    assert best["class_mode"] == "identity_viewpoint" and any("|" in name for name in best["identities"])
 
 
 def test_ddp_two_processes_gloo(tmp_path, synth_csv):

@@ -31,6 +31,48 @@ def _members(codes: np.ndarray, n_codes: int) -> list[np.ndarray]:
     return np.split(order, np.cumsum(np.bincount(codes, minlength=n_codes))[:-1])
 
 
+FLANK_SPLITS = ("same_flank", "cross_flank")
+
+
+@dataclass
+class FlankViews:
+    """A flank split of the protocol: each query sees only gallery images of its own viewpoint
+    (`same_flank`) or only of another named one (`cross_flank`).
+
+    Same-flank scores measure pattern matching. Cross-flank positives show another pattern, so a
+    model that scores well there matches what flanks share (body shape, sex, background): the
+    split exposes shortcuts the overall figure hides. Images without a named viewpoint ('') take
+    part in neither split.
+    """
+    query_views: Sequence
+    gallery_views: Sequence
+    split: str
+
+    def __post_init__(self) -> None:
+        if self.split not in FLANK_SPLITS:
+            raise ValueError(f"flank split {self.split!r}: use one of {', '.join(FLANK_SPLITS)}")
+        (self._query, gallery, blank), _ = _codes(_view_names(self.query_views), _view_names(self.gallery_views), [""])
+        self._n_gallery = len(gallery)
+        # per query viewpoint, the gallery images it may not see: few viewpoints, so computed once each
+        self._hidden = {}
+        for view in np.unique(self._query):
+            other = gallery != view if self.split == "same_flank" else gallery == view
+            self._hidden[view] = np.flatnonzero(other | (gallery == blank[0]) | (view == blank[0]))
+
+    def check(self, n_queries: int, n_gallery: int) -> None:
+        if len(self._query) != n_queries or self._n_gallery != n_gallery:
+            raise ValueError(f"flank views cover {len(self._query)} queries and {self._n_gallery} gallery images; "
+                             f"the ranking has {n_queries} and {n_gallery}")
+
+    def hidden(self, query: int) -> np.ndarray:
+        return self._hidden[self._query[query]]
+
+
+def _view_names(values: Sequence) -> np.ndarray:
+    """Viewpoints as stripped text, '' for a missing one (None or NaN)."""
+    return np.array(["" if v is None or v != v else str(v).strip() for v in values], dtype=object)
+
+
 class _Protocol:
     """What each query may see and must find, built once from the labels.
 
@@ -40,7 +82,7 @@ class _Protocol:
     """
 
     def __init__(self, query_ids: Sequence, gallery_ids: Sequence, query_groups: Sequence | None,
-                 gallery_groups: Sequence | None, same_set: bool):
+                 gallery_groups: Sequence | None, same_set: bool, views: FlankViews | None = None):
         if (query_groups is None) != (gallery_groups is None):
             raise ValueError("give query_groups and gallery_groups together, or neither")
         for name, values, n in (("query_groups", query_groups, len(query_ids)),
@@ -58,12 +100,17 @@ class _Protocol:
             (self._query_groups, gallery_group_codes), n_groups = _codes(query_groups, gallery_groups)
             self._by_group = _members(gallery_group_codes, n_groups)
         self._same_set = same_set
+        self._views = views
+        if views is not None:
+            views.check(len(query_ids), len(gallery_ids))
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for i, code in enumerate(self.query_codes):
             hidden = self._by_group[self._query_groups[i]] if self._query_groups is not None else _EMPTY
             if self._same_set:
                 hidden = np.union1d(hidden, [i])
+            if self._views is not None:
+                hidden = np.union1d(hidden, self._views.hidden(i))
             positives = self._by_id[code]
             yield hidden, positives[~np.isin(positives, hidden)]
 
@@ -142,7 +189,8 @@ ScoreRows = Callable[[int, int], np.ndarray]
 def rank_queries(query_emb: np.ndarray, query_ids: Sequence, gallery_emb: np.ndarray, gallery_ids: Sequence,
                  query_groups: Sequence | None = None, gallery_groups: Sequence | None = None,
                  same_set: bool = False, score_rows: ScoreRows | None = None,
-                 negatives_per_query: int = 64, seed: int = 0, list_length: int = 5) -> QueryResults:
+                 negatives_per_query: int = 64, seed: int = 0, list_length: int = 5,
+                 views: FlankViews | None = None) -> QueryResults:
     """Rank the gallery for each query, chunk by chunk, and keep what every metric needs.
 
     Scores are cosine similarities, or `score_rows(start, stop)` (higher is better) for queries
@@ -158,7 +206,7 @@ def rank_queries(query_emb: np.ndarray, query_ids: Sequence, gallery_emb: np.nda
     for name, ids, n in (("query_ids", query_ids, len(queries)), ("gallery_ids", gallery_ids, len(gallery))):
         if len(ids) != n:
             raise ValueError(f"{name} has {len(ids)} entries for {n} embeddings")
-    protocol = _Protocol(query_ids, gallery_ids, query_groups, gallery_groups, same_set)
+    protocol = _Protocol(query_ids, gallery_ids, query_groups, gallery_groups, same_set, views)
     gallery_codes = _codes(query_ids, gallery_ids)[0][1]
     rng = np.random.default_rng(seed)
     sets = iter(protocol)
@@ -201,7 +249,8 @@ def pair_auc(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
 def retrieval_metrics(query_emb: np.ndarray, query_ids: Sequence, gallery_emb: np.ndarray, gallery_ids: Sequence,
                       query_groups: Sequence | None = None, gallery_groups: Sequence | None = None,
                       topk: Sequence[int] = (1, 5, 10), same_set: bool = False,
-                      score_rows: ScoreRows | None = None) -> dict:
+                      score_rows: ScoreRows | None = None, query_views: Sequence | None = None,
+                      gallery_views: Sequence | None = None) -> dict:
     """mAP, identity-balanced mAP, CMC top-k, mINP and pair AUC of ranking the gallery for each query.
 
     Embeddings are L2-normalised, so the dot product is the cosine similarity. A query never sees
@@ -209,17 +258,27 @@ def retrieval_metrics(query_emb: np.ndarray, query_ids: Sequence, gallery_emb: n
     itself either. Queries left without a positive are skipped and counted in `skipped_queries`.
     `identity_balanced_mAP` averages each identity's mean query AP, so common individuals do not
     dominate. `mINP` (Ye et al. 2021) averages positives / rank of the last positive. `pair_auc`
-    compares every same-identity pair with a sample of different-identity pairs.
+    compares every same-identity pair with a sample of different-identity pairs. With viewpoints
+    (`query_views`, `gallery_views`), `same_flank` and `cross_flank` hold the same metrics with each
+    query seeing only its own flank, or only the other (see `FlankViews`).
     """
     results = rank_queries(query_emb, query_ids, gallery_emb, gallery_ids, query_groups, gallery_groups,
                            same_set, score_rows)
-    return {**_summarise(results.ranks, results.query_codes, topk),
-            "pair_auc": pair_auc(results.positive_scores, results.negative_scores)}
+    metrics = {**_summarise(results.ranks, results.query_codes, topk),
+               "pair_auc": pair_auc(results.positive_scores, results.negative_scores)}
+    if (query_views is None) != (gallery_views is None):
+        raise ValueError("give query_views and gallery_views together, or neither")
+    if query_views is not None:
+        for split in FLANK_SPLITS:
+            flank = rank_queries(query_emb, query_ids, gallery_emb, gallery_ids, query_groups, gallery_groups,
+                                 same_set, score_rows, views=FlankViews(query_views, gallery_views, split))
+            metrics[split] = _summarise(flank.ranks, flank.query_codes, topk)
+    return metrics
 
 
 def chance_metrics(query_ids: Sequence, gallery_ids: Sequence, query_groups: Sequence | None = None,
                    gallery_groups: Sequence | None = None, same_set: bool = False, seed: int = 0,
-                   repeats: int = 5, topk: Sequence[int] = (1, 5, 10)) -> dict:
+                   repeats: int = 5, topk: Sequence[int] = (1, 5, 10), views: FlankViews | None = None) -> dict:
     """The metrics of random scores under the same protocol, averaged over `repeats` draws.
 
     Random scores order a query's visible gallery uniformly at random, so its positives land on a
@@ -228,7 +287,7 @@ def chance_metrics(query_ids: Sequence, gallery_ids: Sequence, query_groups: Seq
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    protocol = _Protocol(query_ids, gallery_ids, query_groups, gallery_groups, same_set)
+    protocol = _Protocol(query_ids, gallery_ids, query_groups, gallery_groups, same_set, views)
     visible = [(protocol.gallery_size - hidden.size, positives.size) for hidden, positives in protocol]
     rng = np.random.default_rng(seed)
     runs = [_summarise([np.sort(rng.choice(n, size=p, replace=False, shuffle=False)) + 1 for n, p in visible],

@@ -6,17 +6,20 @@ run (and every process under torchrun) sees the same assignment.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
+from reid.data.classes import flank_count, named_viewpoints
 from reid.data.splits import encounter_ids, fold_summary, make_folds
 from reid.errors import ReidError
-from reid.evaluation.metrics import chance_metrics
+from reid.evaluation.metrics import FLANK_SPLITS, FlankViews, chance_metrics
 from reid.io import atomic_path, write_json, write_text
 from reid.reproducibility import run_record
 from reid.train import distributed
 from reid.train.checkpoint import load_checkpoint
+from reid.train.curves import cv_figure, read_history, save_figure
 from reid.train.trainer import FoldTrainer, refuse_existing_run
 
 REPORTED = ("mAP", "identity_balanced_mAP", "top1")
@@ -56,8 +59,10 @@ def train_fold(cfg: dict, table: pd.DataFrame, data: str, out: str | Path, fold:
 
 
 def cross_validate(cfg: dict, table: pd.DataFrame, data: str, out: str | Path, resume: bool = False,
-                   progress: bool = True) -> dict:
-    """`reid cv`: every fold, then `cv_summary.json` and `oof_embeddings.npz`."""
+                   progress: bool = True, on_fold: Callable[[int, dict], None] | None = None) -> dict:
+    """`reid cv`: every fold, then `cv_summary.json` and `oof_embeddings.npz`.
+
+    `on_fold(fold, best_metrics)` is called as each fold ends (a sweep prunes from it)."""
     out = Path(out)
     for fold in range(cfg["cv"]["folds"]):
         refuse_existing_run(out / f"fold_{fold}", resume)
@@ -75,23 +80,40 @@ def cross_validate(cfg: dict, table: pd.DataFrame, data: str, out: str | Path, r
         summary = trainer.fit(resume=resume)
         if ctx.is_main:
             per_fold.append({"fold": fold, **summary["best_metrics"], "best_epoch": summary["best_epoch"],
+                             "epochs_run": summary["epochs_run"], "warnings": summary["warnings"],
                              "chance": _chance(cfg, table, folds, fold)})
             oof.append((val_idx, _best_embeddings(trainer, val_idx)))
+            if on_fold is not None:
+                on_fold(fold, summary["best_metrics"])
     if not ctx.is_main:
         return {}
     summary = summarise(per_fold)
     write_json(out / "cv_summary.json", summary)
     _write_oof(out / "oof_embeddings.npz", table, folds, oof)
+    histories = {fold: read_history(out / f"fold_{fold}" / "metrics.jsonl") for fold in range(cfg["cv"]["folds"])}
+    save_figure(cv_figure(histories, title=f"{out}: {cfg['cv']['folds']}-fold {cfg['cv']['split']}"),
+                out / "curves.png")
     return summary
 
 
+def _mean_std(values: list[float]) -> dict:
+    array = np.array(values, dtype=float)
+    return {"mean": float(array.mean()), "std": float(array.std())}
+
+
 def summarise(per_fold: list[dict]) -> dict:
-    """Per-fold metrics plus their mean and standard deviation (and chance's mean)."""
+    """Per-fold metrics plus their mean and standard deviation (and chance's mean), overall and,
+    where flanks are named, per flank split."""
     summary = {"folds": per_fold}
     for key in REPORTED:
-        values = np.array([f[key] for f in per_fold], dtype=float)
-        summary[key] = {"mean": float(values.mean()), "std": float(values.std())}
+        summary[key] = _mean_std([f[key] for f in per_fold])
         summary[f"chance_{key}"] = float(np.mean([f["chance"][key] for f in per_fold]))
+    for split in FLANK_SPLITS:
+        if all(split in f for f in per_fold):
+            summary[split] = {key: _mean_std([f[split][key] for f in per_fold]) for key in REPORTED}
+            summary[split].update({f"chance_{key}": float(np.mean([f["chance"][split][key] for f in per_fold]))
+                                   for key in REPORTED})
+    summary["warnings"] = [f"fold {f['fold']}: {w}" for f in per_fold for w in f.get("warnings", [])]
     return summary
 
 
@@ -100,12 +122,18 @@ def _chance(cfg: dict, table: pd.DataFrame, folds: np.ndarray, fold: int) -> dic
     val_idx = np.flatnonzero(folds == fold)
     gallery_idx = np.arange(len(table)) if cfg["cv"]["split"] == "closed" else val_idx
     ids, groups = table["identity"].to_numpy(), encounter_ids(table)
-    return chance_metrics(ids[val_idx], ids[gallery_idx], query_groups=groups[val_idx],
-                          gallery_groups=groups[gallery_idx], seed=cfg["seed"])
+    protocol = dict(query_ids=ids[val_idx], gallery_ids=ids[gallery_idx], query_groups=groups[val_idx],
+                    gallery_groups=groups[gallery_idx], seed=cfg["seed"])
+    chance = chance_metrics(**protocol)
+    if flank_count(table) > 1:
+        views = named_viewpoints(table).to_numpy()
+        for split in FLANK_SPLITS:
+            chance[split] = chance_metrics(**protocol, views=FlankViews(views[val_idx], views[gallery_idx], split))
+    return chance
 
 
 def _best_embeddings(trainer: FoldTrainer, rows: np.ndarray) -> np.ndarray:
-    trainer.model.load_state_dict(load_checkpoint(trainer.out / "best.pt")["model"])
+    trainer.eval_model.load_state_dict(load_checkpoint(trainer.out / "best.pt")["model"])
     return trainer.embed(rows, desc="out-of-fold")
 
 
@@ -119,4 +147,10 @@ def _write_oof(path: Path, table: pd.DataFrame, folds: np.ndarray, oof: list[tup
                                 path=table["path"].to_numpy(str)[rows[order]],
                                 identity=table["identity"].to_numpy(str)[rows[order]],
                                 encounter=encounter_ids(table).astype(str)[rows[order]],
+                                viewpoint=_viewpoints(table)[rows[order]],
                                 fold=folds[rows[order]])
+
+
+def _viewpoints(table: pd.DataFrame) -> np.ndarray:
+    views = named_viewpoints(table)
+    return np.full(len(table), "") if views is None else views.to_numpy(str)

@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from reid.data import classes
 from reid.data.dataset import ReIDDataset
 from reid.data.samplers import PKSampler
 from reid.data.splits import encounter_ids
@@ -32,9 +34,11 @@ from reid.model.build import build_model, preprocessing
 from reid.reproducibility import rng_state, seed_everything, set_rng_state
 from reid.train import distributed
 from reid.train.checkpoint import load_checkpoint, load_matching, save_checkpoint
+from reid.train.curves import run_figure, save_figure
+from reid.train.diagnostics import probe_rows, run_warnings
 from reid.train.early_stopping import EarlyStopping
 from reid.train.losses import ReIDLoss, TrainStep
-from reid.train.optim import build_optimizer, build_scheduler, param_groups
+from reid.train.optim import backbone_layer_ids, build_optimizer, build_scheduler, param_groups
 
 CHECKPOINT_KIND = "wildreid-reid"
 
@@ -74,19 +78,24 @@ class FoldTrainer:
         # channels-last convolutions run ~1.5x faster on CPU and use tensor cores on GPU
         self.model = build_model(cfg).to(self.ctx.device, memory_format=torch.channels_last)
         self.mean, self.std = preprocessing(self.model)
-        size = cfg["data"]["image_size"]
-        self.hflip, hflip_reason = use_hflip(cfg["data"]["hflip"], table)
+        dcfg = cfg["data"]
+        size = dcfg["image_size"]
+        self.hflip, hflip_reason = use_hflip(dcfg["hflip"], table)
         self.log(f"horizontal flip augmentation {'on' if self.hflip else 'off'}: {hflip_reason}")
 
-        self.identities = sorted(table["identity"].iloc[self.train_idx].unique())
-        label_of = {name: i for i, name in enumerate(self.identities)}
-        labels = np.array([label_of[x] for x in table["identity"].iloc[self.train_idx]], dtype=np.int64)
-        self.train_set = ReIDDataset(table["path"].iloc[self.train_idx].tolist(), labels,
-                                     build_transforms(size, self.mean, self.std, train=True, hflip=self.hflip),
-                                     cache_images=cfg["data"]["cache_images"], cache_size=int(size * 1.15))
+        train_table = table.iloc[self.train_idx]
+        self.class_mode, class_reason = classes.resolve_mode(cfg["loss"]["classes"], train_table)
+        self.log(f"training classes: {class_reason}")
+        self.identities, labels = classes.encode(classes.class_keys(train_table, self.class_mode))
+        self.train_set = ReIDDataset(train_table["path"].tolist(), labels,
+                                     build_transforms(size, self.mean, self.std, train=True, hflip=self.hflip,
+                                                      crop_scale=dcfg["crop_scale"], grayscale_p=dcfg["grayscale_p"],
+                                                      erasing_p=dcfg["erasing_p"]),
+                                     cache_images=dcfg["cache_images"], cache_size=int(size * 1.15))
         self.eval_transform = build_transforms(size, self.mean, self.std, train=False, hflip=False)
         scfg = cfg["sampler"]
-        self.sampler = PKSampler(labels, scfg["p"], scfg["k"], cfg["seed"], scfg["batches_per_epoch"])
+        self.sampler = PKSampler(labels, scfg["p"], scfg["k"], cfg["seed"], scfg["batches_per_epoch"],
+                                 scfg["min_batches_per_epoch"])
         self.images_per_batch = scfg["p"] * scfg["k"]
 
         self.loss = ReIDLoss(len(self.identities), cfg["model"]["embedding_dim"], cfg["loss"]).to(self.ctx.device)
@@ -101,8 +110,24 @@ class FoldTrainer:
         self.amp = bool(tcfg["amp"]) and self.ctx.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.stopper = EarlyStopping(tcfg["patience"], tcfg["min_delta"])
+        self.ema = ModelEmaV3(self.model, decay=float(tcfg["ema_decay"])) if tcfg["ema_decay"] > 0 else None
+        self.frozen = self._frozen_parameters(int(tcfg["frozen_layers"]))
+        self.probe_idx = probe_rows(table, self.train_idx, int(cfg["eval"]["train_probe_images"]), cfg["seed"])
         self.epoch, self.batch, self.step, self.history = 0, 0, 0, []
-        self.loss_sum = 0.0  # this epoch's so far: a mid-epoch resume reports the same epoch loss
+        # this epoch's sums so far: a mid-epoch resume reports the same epoch loss
+        self.loss_sum, self.part_sums = 0.0, {}
+
+    def _frozen_parameters(self, layers: int) -> list[torch.nn.Parameter]:
+        """The backbone's parameters in its `layers` lowest layer groups (stem, first stages or blocks)."""
+        if layers < 0:
+            raise ConfigError(f"train.frozen_layers is {layers}; use 0 (nothing frozen) or more")
+        layer_of = backbone_layer_ids(self.model.backbone)
+        return [param for name, param in self.model.backbone.named_parameters() if layer_of[name] < layers]
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights validation scores and best.pt keeps: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     # ------------------------------------------------------------------ state
     def log(self, message: str) -> None:
@@ -128,6 +153,8 @@ class FoldTrainer:
             "step": self.step,
             "history": self.history,
             "loss_sum": self.loss_sum,
+            "loss_part_sums": self.part_sums,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "world_size": self.ctx.world_size,
             **self.inference_state(),
         }
@@ -136,6 +163,7 @@ class FoldTrainer:
         return {
             "config": self.cfg,
             "identities": self.identities,
+            "class_mode": self.class_mode,
             "preprocessing": {"image_size": self.cfg["data"]["image_size"], "mean": list(self.mean),
                               "std": list(self.std)},
         }
@@ -146,6 +174,8 @@ class FoldTrainer:
             save_checkpoint(self.last_path, state)
             # metrics.jsonl is rewritten from the checkpoint's history, so the two never disagree
             write_jsonl(self.out / "metrics.jsonl", self.history)
+            if self.history:
+                save_figure(run_figure(self.history, title=str(self.out)), self.out / "curves.png")
         distributed.barrier(self.ctx)
 
     def restore(self) -> None:
@@ -160,7 +190,9 @@ class FoldTrainer:
         self.scaler.load_state_dict(state["scaler"])
         self.stopper.load_state_dict(state["early_stopping"])
         self.epoch, self.batch, self.step, self.history = state["epoch"], state["batch"], state["step"], state["history"]
-        self.loss_sum = state["loss_sum"]
+        self.loss_sum, self.part_sums = state["loss_sum"], state["loss_part_sums"]
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"][self.ctx.rank])
         self.log(f"resumed {self.last_path} at epoch {self.epoch + 1}, batch {self.batch}")
 
@@ -180,6 +212,8 @@ class FoldTrainer:
             self.restore()
         elif self.cfg["train"]["init_from"]:
             self.init_from(self.cfg["train"]["init_from"])
+            if self.ema is not None:
+                self.ema.set(self.model)
 
         net = self.step_module
         if self.ctx.distributed:
@@ -190,25 +224,58 @@ class FoldTrainer:
                             pin_memory=self.ctx.device.type == "cuda", generator=torch.Generator())
         epochs = self.cfg["train"]["epochs"]
         if epochs == 0 and not self.history:  # score the backbone as it is, untrained
-            self._record_epoch({}, distributed.broadcast(self.validate() if self.ctx.is_main else None, self.ctx))
+            self._record_epoch({}, distributed.broadcast(self.evaluate() if self.ctx.is_main else None, self.ctx))
             self.save_last()
         while self.epoch < epochs and not self.stopper.should_stop:
             batches.batches = self.sampler.for_epoch(self.epoch, start_batch=self.batch, rank=self.ctx.rank,
                                                      world_size=self.ctx.world_size)
+            self._apply_freezing()
             train_stats = self._train_epoch(net, loader)
-            metrics = distributed.broadcast(self.validate() if self.ctx.is_main else None, self.ctx)
-            self._end_epoch(train_stats, metrics)
+            scores = distributed.broadcast(self.evaluate() if self.ctx.is_main else None, self.ctx)
+            self._end_epoch(train_stats, scores)
+        monitor = self.cfg["train"]["monitor"]
         summary = {"best_epoch": self.stopper.best_epoch, "best_score": self.stopper.best_score,
-                   "monitor": self.cfg["train"]["monitor"], "epochs_run": self.epoch,
+                   "monitor": monitor, "epochs_run": self.epoch,
                    "stopped_early": self.stopper.should_stop,
-                   "best_metrics": next((h["val"] for h in self.history if h["epoch"] == self.stopper.best_epoch), None)}
+                   "best_metrics": next((h["val"] for h in self.history if h["epoch"] == self.stopper.best_epoch), None),
+                   "warnings": run_warnings(self.history, self.stopper.best_epoch, monitor)}
+        for warning in summary["warnings"]:
+            self.log(f"warning: {warning}")
         if self.ctx.is_main:
             write_json(summary_path, summary)
         distributed.barrier(self.ctx)
         return summary
 
-    def _train_epoch(self, net: torch.nn.Module, loader: DataLoader) -> dict:
+    def _apply_freezing(self) -> None:
+        """Freeze the lowest layer groups during the first `train.frozen_epochs` epochs (a function of
+        the epoch alone, so a resumed run freezes exactly as the original did)."""
+        frozen_epochs = int(self.cfg["train"]["frozen_epochs"])
+        frozen = bool(self.frozen) and (frozen_epochs == 0 or self.epoch < frozen_epochs)
+        for param in self.frozen:
+            param.requires_grad_(not frozen)
+
+    def _set_train_mode(self) -> None:
         self.model.train()
+        if self.cfg["train"]["freeze_bn"]:
+            # pretrained statistics stay: a few hundred photos in batches of 64 estimate them worse
+            for module in self.model.backbone.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    def _learning_rates(self) -> dict:
+        """Current LR of the lowest and highest backbone groups and of the head."""
+        backbone = [g for g in self.optimizer.param_groups if g["name"].startswith("backbone_")]
+        head = [g for g in self.optimizer.param_groups if g["name"].startswith("head_")]
+        out = {}
+        if backbone:
+            out["backbone_bottom"] = min(backbone, key=lambda g: g["name"])["lr"]
+            out["backbone_top"] = max(backbone, key=lambda g: g["name"])["lr"]
+        if head:
+            out["head"] = head[0]["lr"]
+        return out
+
+    def _train_epoch(self, net: torch.nn.Module, loader: DataLoader) -> dict:
+        self._set_train_mode()
         device, every = self.ctx.device, self.cfg["train"]["checkpoint_every"]
         bar = tqdm(total=self.batches_per_epoch, initial=self.batch, disable=None if self.progress else True, leave=False,
                    desc=f"epoch {self.epoch + 1}/{self.cfg['train']['epochs']}", unit="batch")
@@ -223,6 +290,8 @@ class FoldTrainer:
                 self.scaler.scale(loss / self.accum).backward()
             self.batch += 1
             self.loss_sum += loss.item()
+            for name, value in parts.items():
+                self.part_sums[name] = self.part_sums.get(name, 0.0) + value
             bar.update(1)
             bar.set_postfix(loss=f"{self.loss_sum / self.batch:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()})
             if boundary:
@@ -231,20 +300,24 @@ class FoldTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
                 self.step += 1
+                if self.ema is not None:
+                    self.ema.update(self.model, step=self.step)
                 if every and self.step % every == 0 and self.batch < self.batches_per_epoch:
                     self.save_last()
         bar.close()
         seconds = time.perf_counter() - started
         n = self.batch - resumed_at
-        return {"loss": self.loss_sum / max(self.batch, 1), "seconds": round(seconds, 3),
-                "images_per_s": round(n * self.images_per_batch * self.ctx.world_size / max(seconds, 1e-9), 2),
-                "lr_head": self.optimizer.param_groups[-1]["lr"]}
+        batches = max(self.batch, 1)
+        return {"loss": self.loss_sum / batches,
+                "loss_parts": {name: total / batches for name, total in self.part_sums.items()},
+                "seconds": round(seconds, 3),
+                "images_per_s": round(n * self.images_per_batch * self.ctx.world_size / max(seconds, 1e-9), 2)}
 
     def embed(self, rows: np.ndarray, desc: str) -> np.ndarray:
-        """Embeddings of the table's `rows` with the current weights and the eval transform."""
+        """Embeddings of the table's `rows` with the evaluated weights and the eval transform."""
         dataset = ReIDDataset(self.table["path"].iloc[rows].tolist(), np.zeros(len(rows), dtype=np.int64),
                               self.eval_transform)
-        return compute_embeddings(self.model, dataset, self.cfg["eval"]["batch_size"], self.ctx.device,
+        return compute_embeddings(self.eval_model, dataset, self.cfg["eval"]["batch_size"], self.ctx.device,
                                   self.cfg["data"]["num_workers"], progress=self.progress, desc=desc)
 
     def validate(self) -> dict:
@@ -252,6 +325,7 @@ class FoldTrainer:
 
         In a `closed` split the held-out individuals are known, so the gallery is the training
         images plus the other held-out ones; in a `disjoint` split it is the held-out images only.
+        With named flanks, `same_flank` and `cross_flank` split the scores by viewpoint.
         """
         closed = self.cfg["cv"]["split"] == "closed"
         gallery_idx = np.concatenate([self.train_idx, self.val_idx]) if closed else self.val_idx
@@ -259,24 +333,48 @@ class FoldTrainer:
         emb = self.embed(rows, desc="validating")
         ids, groups = self.table["identity"].to_numpy(), encounter_ids(self.table)
         q, g = np.searchsorted(rows, self.val_idx), np.searchsorted(rows, gallery_idx)
+        views = classes.named_viewpoints(self.table) if classes.flank_count(self.table) > 1 else None
         return retrieval_metrics(emb[q], ids[self.val_idx], emb[g], ids[gallery_idx],
-                                 query_groups=groups[self.val_idx], gallery_groups=groups[gallery_idx])
+                                 query_groups=groups[self.val_idx], gallery_groups=groups[gallery_idx],
+                                 query_views=None if views is None else views.to_numpy()[self.val_idx],
+                                 gallery_views=None if views is None else views.to_numpy()[gallery_idx])
 
-    def _record_epoch(self, train_stats: dict, metrics: dict) -> None:
+    def probe(self) -> dict:
+        """The same retrieval metrics on the fixed sample of training images, among themselves."""
+        if not len(self.probe_idx):
+            return {}
+        emb = self.embed(self.probe_idx, desc="training probe")
+        ids, groups = self.table["identity"].to_numpy()[self.probe_idx], encounter_ids(self.table)[self.probe_idx]
+        metrics = retrieval_metrics(emb, ids, emb, ids, groups, groups, same_set=True)
+        return {key: metrics[key] for key in ("mAP", "top1", "queries")}
+
+    def evaluate(self) -> dict:
+        self.eval_model.eval()
+        return {"val": self.validate(), "train_probe": self.probe()}
+
+    def _record_epoch(self, train_stats: dict, scores: dict) -> None:
         """Log the epoch, update early stopping, keep best.pt when it is the best so far."""
+        metrics, probe = scores["val"], scores["train_probe"]
         improved = self.stopper.update(metrics[self.cfg["train"]["monitor"]], self.epoch)
-        self.history.append({"epoch": self.epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-                             "val": metrics, "best": improved})
-        trained = f"loss {train_stats['loss']:.3f}  " if train_stats else "untrained: "
+        row = {"epoch": self.epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+               "lr": self._learning_rates(), "gem_p": float(self.model.pool.p.detach()),
+               "train_probe": probe, "val": metrics, "best": improved}
+        self.history.append(row)
+        trained = "untrained: "
+        if train_stats:
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in train_stats["loss_parts"].items())
+            trained = f"loss {train_stats['loss']:.3f} ({parts})  "
+        probe_text = f"train-probe mAP {probe['mAP']:.3f}  " if probe else ""
         speed = f"  ({train_stats['images_per_s']:.0f} img/s)" if train_stats else ""
-        self.log(f"epoch {self.epoch + 1}: {trained}val mAP {metrics['mAP']:.3f}  top1 {metrics['top1']:.3f}{speed}"
-                 + ("  *best*" if improved else f"  patience left {self.stopper.patience_left}" if self.stopper.patience else ""))
+        self.log(f"epoch {self.epoch + 1}: {trained}{probe_text}val mAP {metrics['mAP']:.3f}  top1 {metrics['top1']:.3f}"
+                 f"{speed}" + ("  *best*" if improved else f"  patience left {self.stopper.patience_left}"
+                                if self.stopper.patience else ""))
         if improved and self.ctx.is_main:
-            save_checkpoint(self.out / "best.pt", {"kind": CHECKPOINT_KIND, "model": self.model.state_dict(),
+            save_checkpoint(self.out / "best.pt", {"kind": CHECKPOINT_KIND, "model": self.eval_model.state_dict(),
                                                    "loss": self.loss.state_dict(), "epoch": self.epoch,
                                                    "metrics": metrics, **self.inference_state()})
 
-    def _end_epoch(self, train_stats: dict, metrics: dict) -> None:
-        self._record_epoch(train_stats, metrics)
-        self.epoch, self.batch, self.loss_sum = self.epoch + 1, 0, 0.0
+    def _end_epoch(self, train_stats: dict, scores: dict) -> None:
+        self._record_epoch(train_stats, scores)
+        self.epoch, self.batch, self.loss_sum, self.part_sums = self.epoch + 1, 0, 0.0, {}
         self.save_last()
