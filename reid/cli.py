@@ -20,13 +20,14 @@ def _add_config_args(parser: argparse.ArgumentParser, default: str | None = None
                         help="override a config key, e.g. --set train.epochs=3 (repeatable)")
 
 
-def _add_run_args(parser: argparse.ArgumentParser) -> None:
+def _add_run_args(parser: argparse.ArgumentParser, resume_flag: bool = True) -> None:
     _add_config_args(parser)
     parser.add_argument("--data", required=True, help="CSV (path, identity[, viewpoint, encounter, species]) "
                                                        "or a folder with one sub-folder per identity")
     parser.add_argument("--root", help="folder that relative CSV paths start from (default: the CSV's folder)")
     parser.add_argument("--out", required=True, help="run folder")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    if resume_flag:
+        parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
 
 
@@ -69,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(cv)
     cv.add_argument("--folds", type=int, help="number of folds (default: cv.folds of the config)")
 
+    sweep = sub.add_parser("sweep", help="cross-validated recipe search with Optuna over a YAML search space; "
+                                         "resumable; writes OUT/trials.csv, trials.json, trials.png, best.yaml")
+    _add_run_args(sweep, resume_flag=False)  # a sweep always continues the study in --out
+    sweep.add_argument("--space", required=True, help="search space YAML (metric, trials, params, ...; "
+                                                      "see reid/train/sweep.py and configs/sweeps/)")
+
     demo = sub.add_parser("demo", help="synthetic data + cross-validation of cpu-small, end to end, offline")
     _add_config_args(demo, default="cpu-small")
     demo.add_argument("--out", default="demo", help="folder for the data and the run (default: ./demo)")
@@ -100,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cache", default="cache", help="embedding cache root (default: ./cache)")
     _add_rerank_args(evaluate)
 
-    calibrate = sub.add_parser("calibrate", help="pick the match / new-individual thresholds from a CV run's "
+    calibrate = sub.add_parser("calibrate", help="choose the post-processing (TTA, re-ranking) and the match / "
+                                                 "new-individual thresholds from a CV run's "
                                                  "out-of-fold embeddings and store them in its checkpoints")
     calibrate.add_argument("--run", required=True, help="folder of a `reid cv` run")
     calibrate.add_argument("--precision", type=float, default=0.95, help="target precision of both decisions")
@@ -126,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_embed_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="best.pt of a `reid train` / `reid cv` run")
-    parser.add_argument("--tta", default="none", choices=list(TTA_CHOICES),
-                        help="test-time augmentation: none, hflip, or flip4 (all four flips), averaged")
+    parser.add_argument("--tta", choices=list(TTA_CHOICES),
+                        help="test-time augmentation: none, hflip, or flip4 (all four flips), averaged "
+                             "(default: what `reid calibrate` chose for the checkpoint, else none)")
     parser.add_argument("--chunk", type=int, default=100, help="images per cache chunk (default 100)")
     parser.add_argument("--batch-size", type=int, help="default: eval.batch_size of the checkpoint's config")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -141,18 +150,33 @@ def _add_rerank_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k1", type=int, default=20)
     parser.add_argument("--k2", type=int, default=6)
     parser.add_argument("--lambda", dest="lambda_value", type=float, default=0.3)
+    parser.add_argument("--no-postprocessing", action="store_true",
+                        help="plain cosine, ignoring the re-ranking `reid calibrate` chose for the checkpoint "
+                             "(without any re-ranking flag, that choice is applied)")
 
 
-def _rerank_options(args: argparse.Namespace):
+def _rerank_options(args: argparse.Namespace, embedder):
+    """The re-ranking flags when any is given, else the checkpoint's calibrated choice (said so)."""
     from reid.evaluation.evaluate import RerankOptions
+    from reid.evaluation.postprocessing import stored_options
 
-    return RerankOptions(args.dba, args.qe, args.qe_alpha, args.k_reciprocal, args.k1, args.k2, args.lambda_value)
+    if args.dba or args.qe or args.k_reciprocal:
+        return RerankOptions(args.dba, args.qe, args.qe_alpha, args.k_reciprocal, args.k1, args.k2, args.lambda_value)
+    if args.no_postprocessing or not embedder.postprocessing:
+        return RerankOptions()
+    options = stored_options(embedder.postprocessing)
+    print(f"re-ranking: {options.describe()} (chosen by `reid calibrate` on out-of-fold mAP; "
+          "--no-postprocessing for plain cosine)")
+    return options
 
 
 def _embedder(args: argparse.Namespace):
     from reid.embedding import Embedder
 
-    return Embedder.from_checkpoint(args.checkpoint, tta=args.tta, batch_size=args.batch_size)
+    embedder = Embedder.from_checkpoint(args.checkpoint, tta=args.tta, batch_size=args.batch_size)
+    if args.tta is None and embedder.postprocessing:
+        print(f"TTA: {embedder.tta} (chosen by `reid calibrate`; --tta to override)")
+    return embedder
 
 
 def _load(args: argparse.Namespace, extra: list[str] = ()):
@@ -204,10 +228,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def print_cv_summary(summary: dict) -> None:
-    print(f"{'metric':<24}{'held-out':>18}{'chance':>10}")
+    """Held-out mean ± std over folds next to chance; with named flanks, same- and cross-flank too."""
+    splits = [s for s in ("same_flank", "cross_flank") if s in summary]
+    header = f"{'metric':<24}{'held-out':>17}" + "".join(f"{s.replace('_', '-'):>17}" for s in splits)
+    print(header + f"{'chance':>9}")
     for key in ("mAP", "identity_balanced_mAP", "top1"):
-        m = summary[key]
-        print(f"{key:<24}{m['mean']:>10.4f} ± {m['std']:.4f}{summary[f'chance_{key}']:>10.4f}")
+        cells = [summary[key]] + [summary[s][key] for s in splits]
+        print(f"{key:<24}" + "".join(f"{m['mean']:>8.4f} ± {m['std']:.4f}" for m in cells)
+              + f"{summary[f'chance_{key}']:>9.4f}")
+    for warning in summary.get("warnings", []):
+        print(f"warning: {warning}")
 
 
 def cmd_cv(args: argparse.Namespace) -> None:
@@ -218,6 +248,17 @@ def cmd_cv(args: argparse.Namespace) -> None:
     if summary:
         print_cv_summary(summary)
         print(f"summary: {Path(args.out) / 'cv_summary.json'}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from reid.train.sweep import run_sweep
+
+    cfg, table = _load(args)
+    table = run_sweep(cfg, table, args.data, args.space, args.out, progress=not args.no_progress)
+    columns = [c for c in table.columns if c.startswith("param.") or c in ("trial", "state", "folds")
+               or c.endswith("_mean") or c.endswith("_std")]
+    print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"trials: {Path(args.out) / 'trials.csv'}; best recipe: {Path(args.out) / 'best.yaml'}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -254,8 +295,8 @@ def cmd_embed(args: argparse.Namespace) -> None:
     from reid.embedding import EmbeddingCache
 
     table = load_table(args.data, root=args.root)
-    _warn_flips(table, args.tta)
     embedder = _embedder(args)
+    _warn_flips(table, embedder.tta)
     emb = EmbeddingCache(args.out).update(embedder, table, args.chunk, progress=not args.no_progress)
     print(f"{len(emb)} embeddings of dimension {emb.shape[1]} in {args.out} (model {embedder.fingerprint})")
 
@@ -287,15 +328,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     gallery = load_table(args.gallery, root=args.root) if args.gallery else queries
     if gallery.empty:
         raise ReidError(f"the gallery '{args.gallery}' has no images")
-    _warn_flips(queries, args.tta)
     embedder = _embedder(args)
+    _warn_flips(queries, embedder.tta)
     progress = not args.no_progress
     q_emb = cached_embeddings(embedder, queries, args.cache, args.chunk, progress)
     g_emb = cached_embeddings(embedder, gallery, args.cache, args.chunk, progress) if args.gallery else q_emb
-    options = _rerank_options(args)
+    options = _rerank_options(args, embedder)
     metrics, results = evaluate(q_emb, queries, g_emb, gallery, same_set=not args.gallery, options=options,
                                 thresholds=embedder.thresholds)
-    metrics.update(checkpoint=str(args.checkpoint), tta=args.tta, model=embedder.fingerprint)
+    metrics.update(checkpoint=str(args.checkpoint), tta=embedder.tta, model=embedder.fingerprint)
     write_json(args.out, metrics)
     report = Path(args.out).with_suffix(".png")
     _write_report(report, queries, gallery, results, metrics, options.describe())
@@ -328,6 +369,13 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from reid.evaluation.calibration import calibrate_run
 
     thresholds, checkpoints = calibrate_run(args.run, args.precision)
+    post = thresholds["postprocessing"]
+    print(f"{'TTA':<6} {'re-ranking':<44}{'OOF mAP':>9}{'top-1':>8}")
+    for row in post["candidates"]:
+        mark = "  <- chosen" if (row["tta"], row["describe"]) == (post["tta"], post["describe"]) else ""
+        print(f"{row['tta']:<6} {row['describe']:<44}{row['mAP']:>9.4f}{row['top1']:>8.4f}{mark}")
+    print(f"post-processing: TTA {post['tta']}, re-ranking {post['describe']} (out-of-fold mAP "
+          f"{post['baseline_mAP']:.4f} -> {post['oof_mAP']:.4f}; the rule: {post['rule']})")
     print(f"match threshold {thresholds['match_threshold']:.4f}, new-individual threshold "
           f"{thresholds['new_threshold']:.4f} (precision {args.precision}, {thresholds['queries']} queries)")
     for path in checkpoints:
@@ -345,8 +393,9 @@ def cmd_submit_pairs(args: argparse.Namespace) -> None:
     pairs, query, gallery, id_column = read_pairs(args.pairs, args.images)
     names = list(pd.unique(pd.concat([pairs[query], pairs[gallery]])))
     table = pd.DataFrame({"path": [str(Path(args.images) / n) for n in names], "identity": names})
-    emb = cached_embeddings(_embedder(args), table, args.cache, args.chunk, not args.no_progress)
-    options = _rerank_options(args)
+    embedder = _embedder(args)
+    emb = cached_embeddings(embedder, table, args.cache, args.chunk, not args.no_progress)
+    options = _rerank_options(args, embedder)
     q_emb, g_emb, rows = rerank_scores(emb, emb, options, same_set=True)
     position = {name: i for i, name in enumerate(names)}
     q_index, g_index = pairs[query].map(position).to_numpy(), pairs[gallery].map(position).to_numpy()
@@ -358,7 +407,7 @@ def cmd_submit_pairs(args: argparse.Namespace) -> None:
     print(f"{args.out}: {len(out)} pairs over {len(names)} images")
 
 
-COMMANDS = {"synth": cmd_synth, "train-species": cmd_train_species, "train": cmd_train, "cv": cmd_cv, "demo": cmd_demo, "embed": cmd_embed,
+COMMANDS = {"synth": cmd_synth, "train-species": cmd_train_species, "train": cmd_train, "cv": cmd_cv, "sweep": cmd_sweep, "demo": cmd_demo, "embed": cmd_embed,
             "index": cmd_index, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate,
             "submit-pairs": cmd_submit_pairs}
 

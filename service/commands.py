@@ -37,7 +37,8 @@ def register(subparsers) -> dict:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each loads the model)")
-    serve.add_argument("--tta", choices=TTA_CHOICES, help="test-time augmentation (default: none)")
+    serve.add_argument("--tta", choices=TTA_CHOICES, help="test-time augmentation (default: what `reid calibrate` chose for the "
+                                                                 "checkpoint, else none)")
     serve.add_argument("--require-key-for-reads", action="store_true", default=None,
                        help="identify and GET requests need an API key too")
     serve.add_argument("--settings", help="YAML or JSON file of further settings (upload limits, thresholds, "

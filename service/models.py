@@ -107,28 +107,26 @@ class Models:
                     species = normalise_species(name)
                 except ValueError as exc:
                     raise ConfigError(f"{settings.routes}: species '{name}': {exc}") from None
-                self.routes[species] = SpeciesRoute(species, self._network(route.embedder, route.checkpoint,
-                                                                           route.tta), route.thresholds,
-                                                    route.threshold_source)
+                self.routes[species] = SpeciesRoute(species, self._network(route.embedder, route.checkpoint),
+                                                    route.thresholds, route.threshold_source)
         if settings.checkpoint is not None:
             embedder = Embedder.from_checkpoint(settings.checkpoint, tta=settings.tta, num_workers=0)
             thresholds, source = load_thresholds(embedder, settings)
-            self.default = SpeciesRoute("*", self._network(embedder, settings.checkpoint, settings.tta), thresholds,
-                                        source)
+            self.default = SpeciesRoute("*", self._network(embedder, settings.checkpoint), thresholds, source)
         self.detector = self._detector(settings)
         # JPEGs taken whole are decoded down to twice the largest input of any network
         self.draft_size = 2 * max(n.runner.image_size for n in self.networks.values())
         self.classifier = (SpeciesClassifierRunner(settings.species_classifier, settings.species_threshold, settings,
                                                    metrics) if settings.species_classifier else None)
 
-    def _network(self, embedder: Embedder, checkpoint: Path, tta: str) -> Network:
+    def _network(self, embedder: Embedder, checkpoint: Path) -> Network:
         """The network of this embedder; an identical one (same weights, preprocessing, TTA) is shared."""
         if embedder.fingerprint not in self.networks:
             runner = ModelRunner(embedder)
             batcher = MicroBatcher(runner.forward, self.settings.max_batch or embedder.batch_size,
                                    self.settings.batch_window_ms / 1000, observe=self.metrics.observe_batch)
             self.networks[embedder.fingerprint] = Network(runner, batcher, embedding_model(
-                embedder.fingerprint, self.crop_settings), Path(checkpoint).absolute(), tta)
+                embedder.fingerprint, self.crop_settings), Path(checkpoint).absolute(), embedder.tta)
         return self.networks[embedder.fingerprint]
 
     def _detector(self, settings: Settings) -> LockedDetector | None:

@@ -28,7 +28,8 @@ class Settings(BaseModel):
                                                  "(reid/species/routing.py); to serve, give it, checkpoint or both")
     database_url: str | None = Field(None, description="SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db; "
                                                        "default: SQLite (WAL) at STORE/wildreid.db")
-    tta: Literal["none", "hflip", "flip4"] = Field("none", description="test-time augmentation of `checkpoint`")
+    tta: Literal["none", "hflip", "flip4"] | None = Field(
+        None, description="test-time augmentation of `checkpoint` (default: what `reid calibrate` chose, else none)")
     require_key_for_reads: bool = Field(False, description="reads need `Authorization: Bearer KEY` too")
 
     # upload limits

@@ -91,15 +91,25 @@ def test_calibrate_stores_thresholds_that_evaluate_uses(tmp_path, synth_csv):
     run = tmp_path / "run"
     _reid("cv", "--config", config, "--data", synth_csv, "--out", run, "--no-progress")
     proc = _reid("calibrate", "--run", run, "--precision", "0.9")
-    assert "match threshold" in proc.stdout
+    assert "match threshold" in proc.stdout and "post-processing:" in proc.stdout
     best = torch.load(run / "fold_0" / "best.pt", weights_only=False)
     assert best["calibration"]["precision"] == 0.9
     assert json.loads((run / "calibration.json").read_text())["match_threshold"] == best["calibration"]["match_threshold"]
+    post = best["postprocessing"]
+    # the synthetic table names flanks, so flip TTA is never a candidate
+    assert post["tta"] == "none" and {row["tta"] for row in post["candidates"]} == {"none"}
     # metadata added to the checkpoint does not change the model fingerprint (the cache stays valid)
     out = tmp_path / "m.json"
+    proc = _reid("evaluate", "--checkpoint", run / "fold_0" / "best.pt", "--data", synth_csv, "--out", out,
+                 "--cache", tmp_path / "cache", "--no-progress")
+    metrics = json.loads(out.read_text())
+    assert metrics["open_set"]["threshold_source"].startswith("calibrated")
+    # evaluate applies the chosen re-ranking by default and says so; --no-postprocessing turns it off
+    assert metrics["rerank"] == post["rerank"]
+    assert ("re-ranking:" in proc.stdout) == (post["describe"] != "none")
     _reid("evaluate", "--checkpoint", run / "fold_0" / "best.pt", "--data", synth_csv, "--out", out,
-          "--cache", tmp_path / "cache", "--no-progress")
-    assert json.loads(out.read_text())["open_set"]["threshold_source"].startswith("calibrated")
+          "--cache", tmp_path / "cache", "--no-progress", "--no-postprocessing")
+    assert json.loads(out.read_text())["rerank"]["k_reciprocal"] is False and json.loads(out.read_text())["rerank"]["qe"] == 0
 
 
 def test_calibrate_without_a_cv_run_is_a_clear_error(tmp_path):

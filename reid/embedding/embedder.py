@@ -41,7 +41,7 @@ class Embedder:
     def __init__(self, model: ReIDModel, image_size: int, mean: Sequence[float], std: Sequence[float],
                  tta: str = "none", batch_size: int = 64, num_workers: int = 0,
                  device: torch.device | None = None, weights_hash: str | None = None,
-                 thresholds: dict | None = None):
+                 thresholds: dict | None = None, postprocessing: dict | None = None):
         self.device = device or default_device()
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.image_size, self.mean, self.std = int(image_size), tuple(mean), tuple(std)
@@ -51,11 +51,14 @@ class Embedder:
         self.weights_hash = weights_hash or weights_fingerprint(model.state_dict())
         self.embedding_dim = int(model.neck[1].out_features)
         self.thresholds = thresholds  # calibrated by `reid calibrate`, else None
+        self.postprocessing = postprocessing  # TTA and re-ranking chosen by `reid calibrate`, else None
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, tta: str = "none", batch_size: int | None = None,
+    def from_checkpoint(cls, path: str | Path, tta: str | None = None, batch_size: int | None = None,
                         num_workers: int | None = None, device: torch.device | None = None) -> "Embedder":
-        """The model of a training checkpoint (best.pt or last.pt), built offline from its config."""
+        """The model of a training checkpoint (best.pt or last.pt), built offline from its config.
+
+        `tta` None takes the TTA `reid calibrate` chose for the checkpoint (none when uncalibrated)."""
         state = load_checkpoint(path)
         if "model" not in state or "config" not in state or "preprocessing" not in state:
             raise ReidError(f"'{path}' is not a reid training checkpoint (it lacks model, config or preprocessing); "
@@ -66,10 +69,13 @@ class Embedder:
         model = build_model(cfg)
         model.load_state_dict(state["model"])
         pre = state["preprocessing"]
+        post = state.get("postprocessing")
+        if tta is None:
+            tta = post["tta"] if post else "none"
         return cls(model, pre["image_size"], pre["mean"], pre["std"], tta,
                    batch_size or cfg["eval"]["batch_size"],
                    cfg["data"]["num_workers"] if num_workers is None else num_workers,
-                   device, weights_fingerprint(state["model"]), stored_thresholds(state.get("calibration")))
+                   device, weights_fingerprint(state["model"]), stored_thresholds(state.get("calibration")), post)
 
     @property
     def fingerprint(self) -> str:

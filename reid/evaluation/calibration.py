@@ -14,6 +14,7 @@ import numpy as np
 from reid.errors import ReidError
 from reid.evaluation.metrics import rank_queries
 from reid.evaluation.open_set import calibrate_thresholds
+from reid.evaluation.postprocessing import choose
 from reid.io import write_json
 from reid.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -29,19 +30,53 @@ def oof_thresholds(embeddings: np.ndarray, identities: np.ndarray, encounters: n
     return calibrate_thresholds(scores, correct, is_known, precision)
 
 
-def calibrate_run(run: str | Path, precision: float = 0.95) -> tuple[dict, list[Path]]:
-    """Thresholds from `run/oof_embeddings.npz`, stored in every fold's best.pt and in calibration.json."""
+def _hflip_oof(run: Path, data: np.lib.npyio.NpzFile, progress: bool) -> np.ndarray:
+    """Out-of-fold embeddings again with horizontal-flip TTA, each fold by its own best.pt."""
+    from reid.embedding import Embedder
+
+    paths, folds = data["path"], data["fold"]
+    out = np.zeros_like(data["embeddings"])
+    for fold in np.unique(folds):
+        rows = np.flatnonzero(folds == fold)
+        embedder = Embedder.from_checkpoint(run / f"fold_{fold}" / "best.pt", tta="hflip")
+        out[rows] = embedder.embed_paths(paths[rows].tolist(), progress=progress, desc=f"fold {fold} hflip")
+    return out
+
+
+def _flips_allowed(data: np.lib.npyio.NpzFile) -> bool:
+    """Flip TTA is a candidate only when the run's table names no flanks (a flipped left flank is a
+    fake right one); a run written before viewpoints were recorded is not flipped."""
+    if "viewpoint" not in data.files:
+        return False
+    views = [str(v).strip() for v in data["viewpoint"]]
+    return len({v for v in views if v}) < 2
+
+
+def calibrate_run(run: str | Path, precision: float = 0.95, progress: bool = True) -> tuple[dict, list[Path]]:
+    """Post-processing and thresholds from `run/oof_embeddings.npz`, stored in every fold's best.pt
+    and in calibration.json.
+
+    The post-processing (flip TTA where flanks allow it, alpha-QE, k-reciprocal) is chosen first,
+    on out-of-fold mAP (see `reid.evaluation.postprocessing`); the thresholds are then fitted to the
+    cosine scores of the embeddings made the chosen way.
+    """
     run = Path(run)
     oof = run / "oof_embeddings.npz"
     if not oof.is_file():
         raise ReidError(f"'{oof}' not found: calibration needs the out-of-fold embeddings of a finished `reid cv` run")
-    with np.load(oof) as data:
-        thresholds = oof_thresholds(data["embeddings"], data["identity"], data["encounter"], precision)
-    thresholds["source"] = str(oof)
     checkpoints = sorted(run.glob("fold_*/best.pt"))
+    with np.load(oof) as data:
+        identities, encounters, folds = data["identity"], data["encounter"], data["fold"]
+        by_tta = {"none": data["embeddings"]}
+        if _flips_allowed(data) and checkpoints:
+            by_tta["hflip"] = _hflip_oof(run, data, progress)
+    chosen = choose(by_tta, identities, encounters, folds)
+    thresholds = oof_thresholds(by_tta[chosen["tta"]], identities, encounters, precision)
+    thresholds["source"] = str(oof)
     for path in checkpoints:
         state = load_checkpoint(path)
         state["calibration"] = thresholds
+        state["postprocessing"] = chosen
         save_checkpoint(path, state)
-    write_json(run / "calibration.json", thresholds)
-    return thresholds, checkpoints
+    write_json(run / "calibration.json", {**thresholds, "postprocessing": chosen})
+    return {**thresholds, "postprocessing": chosen}, checkpoints

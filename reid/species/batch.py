@@ -343,7 +343,7 @@ class StoreGalleries:
         if stale and self.stale == "error":
             models = ", ".join(sorted({r.embedding_model for r in stale}))
             raise ReidError(f"{len(stale)} of the store's {len(rows)} '{route.species}' images were embedded by "
-                            f"model {models}, not by {route.checkpoint} (model {fingerprint}, tta {route.tta}); "
+                            f"model {models}, not by {route.checkpoint} (model {fingerprint}, tta {embedder.tta}); "
                             "serve the store with that checkpoint, or use --stale-embeddings reembed")
         vectors = [blob_to_vector(r.embedding) for r in same]
         with self.timings("embedding"):
@@ -749,7 +749,8 @@ def add_identify_batch_parser(subparsers) -> dict:
     routes.add_argument("--routes", help="YAML mapping each species to its re-ID checkpoint (see "
                                          "reid/species/README-batch.md)")
     routes.add_argument("--checkpoint", help="one re-ID checkpoint, for the species given by --species")
-    p.add_argument("--tta", choices=["none", "hflip", "flip4"], default="none", help="TTA of --checkpoint")
+    p.add_argument("--tta", choices=["none", "hflip", "flip4"],
+                   help="TTA of --checkpoint (default: what `reid calibrate` chose for it, else none)")
     p.add_argument("--store", required=True, help="store folder of `reid serve` (read only)")
     p.add_argument("--database-url", help="the store's database URL when it is not STORE/wildreid.db")
     p.add_argument("--stale-embeddings", choices=["reembed", "error"], default="reembed",
@@ -778,7 +779,7 @@ def build_run_options(args: argparse.Namespace) -> dict:
             raise ReidError("--checkpoint needs --species NAME: the species its model identifies")
         router = Router.single(args.checkpoint, args.species, args.tta)
     else:
-        if args.tta != "none":
+        if args.tta is not None:
             raise ReidError("--tta goes with --checkpoint; in a routes file set tta per species")
         router = Router.from_file(args.routes)
     if args.speciesnet and args.species and not args.checkpoint:

@@ -32,13 +32,13 @@ class Route:
     """One species' re-ID model. `embedder`, `thresholds` and `fingerprint` load the checkpoint on first use."""
     species: str
     checkpoint: Path
-    tta: str = "none"
+    tta: str | None = None  # None: the TTA `reid calibrate` chose for the checkpoint, else none
     match_threshold: float | None = None
     new_threshold: float | None = None
     router: "Router | None" = field(default=None, repr=False, compare=False)
 
     @property
-    def key(self) -> tuple[str, str]:
+    def key(self) -> tuple[str, str | None]:
         """Routes with the same key share an Embedder."""
         return str(self.checkpoint.resolve()), self.tta
 
@@ -114,7 +114,7 @@ class Router:
         return cls(data, source=str(path), base=path.parent, defaults=defaults, defaults_source=defaults_source)
 
     @classmethod
-    def single(cls, checkpoint: str | Path, species: str, tta: str = "none") -> "Router":
+    def single(cls, checkpoint: str | Path, species: str, tta: str | None = None) -> "Router":
         """The one-species shortcut (`--checkpoint CKPT --species NAME`)."""
         if not species or not str(species).strip():
             raise ConfigError("--checkpoint needs --species NAME: the species its model identifies")
@@ -140,8 +140,8 @@ class Router:
             checkpoint = base / checkpoint
         if not checkpoint.is_file():
             raise ConfigError(f"{at}.checkpoint: checkpoint '{checkpoint}' not found")
-        tta = entry.get("tta", "none")
-        if tta not in TTA_CHOICES:
+        tta = entry.get("tta")
+        if tta is not None and tta not in TTA_CHOICES:
             raise ConfigError(f"{at}.tta: '{tta}' is not one of {', '.join(TTA_CHOICES)}")
         values = {}
         for key in ("match_threshold", "new_threshold"):
