@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from reid.errors import ReidError
 from service.core import Service
@@ -28,6 +29,7 @@ from service.settings import Settings
 
 log = logging.getLogger("wildreid.service")
 
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 406: "not_acceptable",
               413: "payload_too_large", 415: "unsupported_media_type"}
 
@@ -49,6 +51,20 @@ def error_response(status: int, code: str, message: str, details=None, headers=N
 def _location(loc) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or "request"
+
+
+def unparseable_body_message(content_type: str | None) -> str:
+    if content_type and "json" in content_type.lower():
+        return ("the request body is not usable JSON (malformed, not UTF-8, nested too deeply or holding a number "
+                "too long)")
+    return f"the request body could not be parsed as {content_type or 'a body without a Content-Type'}"
+
+
+def allowed_methods(app: FastAPI, scope) -> list[str]:
+    """Every method some route of this path takes (Starlette's 405 names only those of the first route
+    whose path matches): each method is tried against the app's routes."""
+    return [method for method in METHODS
+            if any(route.matches({**scope, "method": method})[0] is Match.FULL for route in app.router.routes)]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -77,9 +93,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException):
         code = HTTP_CODES.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 400 and "parsing the body" in message:
-            message = "the request body is not valid multipart/form-data (or not what this endpoint takes)"
-        return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+            message = unparseable_body_message(request.headers.get("content-type"))
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope))
+        return error_response(exc.status_code, code, message, headers=headers or None)
 
     @app.exception_handler(DBAPIError)
     async def database_error(request: Request, exc: DBAPIError):
@@ -92,7 +111,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal error; see the server log")
+        # uvicorn closes the connection after an exception: the client is told, not left to find a reset socket
+        return error_response(500, "internal_error", "internal error; see the server log",
+                              headers={"Connection": "close"})
 
 
 def create_app(settings: Settings) -> FastAPI:

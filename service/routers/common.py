@@ -5,9 +5,7 @@ from typing import Annotated
 
 from fastapi import Path
 
-from service.schemas import ErrorBody, ImageBrief, IndividualOut, IndividualSummary, SightingOut
-
-MAX_ID = 2**31 - 1  # ids are 32-bit integers in PostgreSQL: larger ones are simply not found
+from service.schemas import MAX_ID, ErrorBody, ImageBrief, IndividualOut, IndividualSummary, SightingOut
 
 IndividualId = Annotated[int, Path(ge=1, le=MAX_ID, description="individual id")]
 ImageId = Annotated[int, Path(ge=1, le=MAX_ID, description="image id")]

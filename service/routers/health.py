@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.deps import ServiceDep, WriterDep
 from service.routers.common import errors
-from service.schemas import AuditEntry, Health, Ready
+from service.schemas import MAX_ID, AuditEntry, Health, Ready
 
 router = APIRouter(tags=["operations"])
 
@@ -65,5 +65,5 @@ async def metrics(request: Request) -> Response:
 @router.get("/v1/audit", response_model=list[AuditEntry], responses=errors(401, 403, 422),
             summary="The audit log, newest first (needs a key)")
 async def audit(service: ServiceDep, caller: WriterDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                offset: Annotated[int, Query(ge=0)] = 0) -> list[AuditEntry]:
+                offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0) -> list[AuditEntry]:
     return [AuditEntry(**row) for row in await run_in_threadpool(service.store.audit_entries, limit, offset)]

@@ -8,11 +8,13 @@ from starlette.concurrency import run_in_threadpool
 
 from service.deps import ReaderDep, ServiceDep, WriterDep
 from service.errors import InvalidInput
+from service.forms import StrictFormRoute
 from service.routers.common import IndividualId, errors, individual, summary
-from service.schemas import (EnrollForm, IndividualOut, IndividualPage, IndividualPatch, MergeRequest, MergeResult,
-                             SightingCreated, SightingForm, normalise_species)
+from service.schemas import (LINE, MAX_ID, OPTIONAL_SPECIES_INPUT, EnrollForm, IndividualOut, IndividualPage,
+                             IndividualPatch, MergeRequest, MergeResult, SightingCreated, SightingForm,
+                             normalise_species)
 
-router = APIRouter(prefix="/v1/individuals", tags=["individuals"])
+router = APIRouter(prefix="/v1/individuals", tags=["individuals"], route_class=StrictFormRoute)
 
 WRITE_ERRORS = errors(400, 401, 403, 404, 409, 413, 415, 422)
 
@@ -31,19 +33,17 @@ async def create_individual(service: ServiceDep, caller: WriterDep,
 @router.get("", response_model=IndividualPage, responses=errors(401, 403, 422),
             summary="List individuals (paged; filter by species and by name or alias)")
 async def list_individuals(service: ServiceDep, caller: ReaderDep,
-                           species: Annotated[str | None, Query(max_length=100)] = None,
-                           name: Annotated[str | None, Query(max_length=200,
+                           species: Annotated[str | None, Query(max_length=100,
+                                                                pattern=OPTIONAL_SPECIES_INPUT)] = None,
+                           name: Annotated[str | None, Query(max_length=200, pattern=LINE,
                                                              description="case-insensitive part of a name or alias")] = None,
                            page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
-                           per_page: Annotated[int, Query(ge=1)] = 50,
+                           per_page: Annotated[int, Query(ge=1, le=MAX_ID)] = 50,
                            include_deleted: bool = False) -> IndividualPage:
     if per_page > service.settings.page_size_max:
         raise InvalidInput(f"per_page is {per_page}; the most is {service.settings.page_size_max}",
                            code="page_too_large")
-    try:
-        species = normalise_species(species)
-    except ValueError as exc:
-        raise InvalidInput(str(exc), code="invalid_species") from None
+    species = normalise_species(species)  # the pattern above let through only what this accepts
     total, rows = await run_in_threadpool(service.store.list_individuals, species, name, page, per_page,
                                           include_deleted)
     return IndividualPage(items=[summary(r) for r in rows], total=total, page=page, per_page=per_page)

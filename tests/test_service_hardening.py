@@ -1,0 +1,247 @@
+"""The service under hostile and clumsy input (issue 12): every request gets a clear 4xx, never a 500,
+and the connection stays usable after an error.
+
+One app (a random-init tiny model, SQLite store) serves the module through FastAPI's TestClient;
+the keep-alive test runs the same kind of app in a real uvicorn server.
+"""
+from __future__ import annotations
+
+import socket
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from service.testing import ThreadedServer, encode, noise_image
+
+PHOTO = encode(noise_image(0))
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, tiny_checkpoint):
+    store = tmp_path_factory.mktemp("hardening-store")
+    with TestClient(create_app(Settings(store_dir=store, checkpoint=tiny_checkpoint))) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def auth(client) -> dict:
+    return {"Authorization": f"Bearer {client.app.state.service.store.create_key('hardening')[1]}"}
+
+
+@pytest.fixture(scope="module")
+def victim(client, auth) -> dict:
+    return enroll(client, auth, "Victim", "zebra", PHOTO)
+
+
+def enroll(client, auth, name, species, photo, expect=201, **data):
+    r = client.post("/v1/individuals", data={"name": name, "species": species, **data},
+                    files=[("images", ("p.jpg", photo, "image/jpeg"))], headers=auth)
+    assert r.status_code == expect, r.text
+    return r.json()
+
+
+def assert_error(r, status: int, code: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and body["error"]["message"], body
+    if code:
+        assert body["error"]["code"] == code, body
+    return body["error"]
+
+
+def counts(client) -> tuple:
+    service = client.app.state.service
+    return service.store.change_seq(), service.store.counts()
+
+
+# ---------------------------------------------------------------------- finding 1: detections JSON
+HOSTILE_DETECTIONS = {
+    "deeply nested": "[" * 5000 + "]" * 5000,
+    "huge integer": "[" + "1" * 5000 + "]",
+    "huge integer conf": '[{"category": "1", "conf": ' + "9" * 5000 + ', "bbox": [0, 0, 1, 1]}]',
+    "infinite conf": '[{"category": "1", "conf": 1e999, "bbox": [0, 0, 1, 1]}]',
+    "NaN bbox": '[{"category": "1", "conf": 0.9, "bbox": [NaN, 0, 1, 1]}]',
+    "nested in an object": '[{"category": "1", "conf": 0.9, "bbox": ' + "[" * 3000 + "]" * 3000 + "}]",
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_DETECTIONS))
+def test_hostile_detections_json_is_a_422_on_every_form(client, auth, victim, case):
+    text = HOSTILE_DETECTIONS[case]
+    image = [("images", ("p.jpg", PHOTO, "image/jpeg"))]
+    before = counts(client)
+    assert_error(client.post("/v1/identify", data={"species": "zebra", "detections": text}, files=image), 422,
+                 "invalid_detections")
+    assert_error(client.post("/v1/individuals", data={"name": "X", "species": "zebra", "detections": text},
+                             files=image, headers=auth), 422, "invalid_detections")
+    assert_error(client.post(f"/v1/individuals/{victim['id']}/images", data={"detections": text}, files=image,
+                             headers=auth), 422, "invalid_detections")
+    assert counts(client) == before
+
+
+# ---------------------------------------------------------------------- findings 2 and 3: bounded integers
+@pytest.mark.parametrize("source_id", [10**30, 2**63, 2**31, -(2**63) - 1, 0, True, False, 1.0, "1", None])
+def test_merge_source_id_must_be_a_32_bit_positive_integer(client, auth, victim, source_id):
+    other = enroll(client, auth, "Other", "zebra", encode(noise_image(1)))
+    before = counts(client)
+    assert_error(client.post(f"/v1/individuals/{other['id']}/merge", json={"source_id": source_id}, headers=auth),
+                 422, "validation_error")
+    assert counts(client) == before
+    assert client.get(f"/v1/individuals/{victim['id']}").json()["merged_into"] is None
+
+
+def test_merge_body_of_huge_or_deep_json_is_a_4xx(client, auth, victim):
+    for body in ['{"source_id": ' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000]:
+        r = client.post(f"/v1/individuals/{victim['id']}/merge", content=body,
+                        headers={**auth, "content-type": "application/json"})
+        error = assert_error(r, r.status_code)
+        assert r.status_code in (400, 422) and "multipart" not in error["message"], error
+
+
+@pytest.mark.parametrize("params", [{"offset": 2**63}, {"offset": 2**31}, {"offset": -1}, {"offset": "9" * 5000},
+                                    {"limit": 2**63}, {"limit": True}])
+def test_audit_offset_and_limit_are_bounded(client, auth, params):
+    assert_error(client.get("/v1/audit", params=params, headers=auth), 422, "validation_error")
+
+
+@pytest.mark.parametrize("path", ["/v1/individuals/9223372036854775808", "/v1/images/9223372036854775808",
+                                  "/v1/images/9223372036854775808/file", "/v1/individuals/true",
+                                  "/v1/individuals/0", "/v1/individuals/-1"])
+def test_ids_in_paths_are_bounded(client, path):
+    assert_error(client.get(path), 422, "validation_error")
+
+
+@pytest.mark.parametrize("params", [{"page": 2**63}, {"per_page": 2**63}, {"page": "1" * 5000}])
+def test_list_pages_are_bounded(client, params):
+    assert_error(client.get("/v1/individuals", params=params), 422)
+
+
+def test_top_k_of_a_huge_number_is_a_422(client, victim):
+    for top_k in ["9" * 5000, str(2**63), "true"]:
+        r = client.post("/v1/identify", data={"species": "zebra", "top_k": top_k},
+                        files=[("images", ("p.jpg", PHOTO, "image/jpeg"))])
+        assert r.status_code == 422, r.text
+
+
+# ---------------------------------------------------------------------- finding 10: text fields, messages, schema
+def multipart(fields: dict[str, bytes], photo: bytes = PHOTO) -> tuple[bytes, str]:
+    """A multipart body built by hand, so that field values can hold any bytes."""
+    boundary = "wildreidboundary"
+    parts = [b"--" + boundary.encode() + b'\r\nContent-Disposition: form-data; name="' + name.encode()
+             + b'"\r\n\r\n' + value + b"\r\n" for name, value in fields.items()]
+    parts.append(b"--" + boundary.encode() + b'\r\nContent-Disposition: form-data; name="images"; '
+                 b'filename="p.jpg"\r\nContent-Type: image/jpeg\r\n\r\n' + photo + b"\r\n")
+    return b"".join(parts) + b"--" + boundary.encode() + b"--\r\n", f"multipart/form-data; boundary={boundary}"
+
+
+def test_invalid_utf8_in_a_form_field_is_refused_not_stored_as_mojibake(client, auth):
+    before = counts(client)
+    body, content_type = multipart({"name": b"Zebr\xe9 \xff", "species": b"zebra"})
+    error = assert_error(client.post("/v1/individuals", content=body, headers={**auth, "content-type": content_type}),
+                         400, "invalid_form")
+    assert "UTF-8" in error["message"] and "name" in error["message"]
+    assert counts(client) == before
+    # valid UTF-8 of the same letters is taken as written
+    body, content_type = multipart({"name": "Zebré".encode(), "species": b"zebra"})
+    r = client.post("/v1/individuals", content=body, headers={**auth, "content-type": content_type})
+    assert r.status_code == 201 and r.json()["name"] == "Zebré", r.text
+
+
+@pytest.mark.parametrize("field", ["name", "notes", "location", "observed_at"])
+def test_nul_and_control_characters_are_refused_in_text_fields(client, auth, victim, field):
+    before = counts(client)
+    data = {"name": "Nul", "species": "zebra", field: "bad\x00value"}
+    assert_error(client.post("/v1/individuals", data=data, files=[("images", ("p.jpg", PHOTO, "image/jpeg"))],
+                             headers=auth), 422, "validation_error")
+    if field in ("name", "notes"):
+        assert_error(client.patch(f"/v1/individuals/{victim['id']}", json={field: "a\x00b"}, headers=auth), 422,
+                     "validation_error")
+    assert counts(client) == before
+    # notes may hold line breaks and tabs
+    r = client.patch(f"/v1/individuals/{victim['id']}", json={"notes": "line one\n\tline two"}, headers=auth)
+    assert r.status_code == 200, r.text
+
+
+def test_unparseable_json_on_patch_says_json_not_multipart(client, auth, victim):
+    for body in [b"{not json", b"\xff\xfe", b"[" * 100_000]:
+        r = client.patch(f"/v1/individuals/{victim['id']}", content=body,
+                         headers={**auth, "content-type": "application/json"})
+        error = assert_error(r, r.status_code)
+        assert r.status_code in (400, 422) and "multipart" not in error["message"] and "JSON" in error["message"], \
+            error
+
+
+def test_patch_null_fields_are_refused_as_the_schema_says(client, auth, victim):
+    assert_error(client.patch(f"/v1/individuals/{victim['id']}", json={"name": None}, headers=auth), 422)
+    assert_error(client.patch(f"/v1/individuals/{victim['id']}", json={}, headers=auth), 422)
+
+
+def test_openapi_schema_states_what_the_server_enforces(client):
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+
+    def form(path: str) -> dict:
+        ref = schema["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+        return components[ref.rsplit("/", 1)[1]]
+
+    enroll_form = form("/v1/individuals")
+    assert enroll_form["properties"]["species"]["pattern"]
+    assert enroll_form["properties"]["images"]["minItems"] == 1
+    assert enroll_form["properties"]["name"]["pattern"]
+    assert form("/v1/identify")["properties"]["images"]["minItems"] == 1
+    assert form("/v1/individuals/{individual_id}/images")["properties"]["images"]["minItems"] == 1
+    patch = components["IndividualPatch"]
+    assert patch["minProperties"] == 1
+    assert patch["properties"]["name"]["type"] == "string"  # not nullable: null is refused
+    merge = components["MergeRequest"]["properties"]["source_id"]
+    assert merge["minimum"] == 1 and merge["maximum"] == 2**31 - 1
+    audit = {p["name"]: p["schema"] for p in schema["paths"]["/v1/audit"]["get"]["parameters"]}
+    assert audit["offset"]["maximum"] == 2**31 - 1
+
+
+@pytest.mark.parametrize("path, allowed", [("/v1/individuals/1", {"GET", "PATCH", "DELETE"}),
+                                           ("/v1/individuals", {"GET", "POST"}),
+                                           ("/v1/identify", {"POST"})])
+def test_options_and_wrong_methods_get_the_full_allow_header(client, path, allowed):
+    for method in ("OPTIONS", "PUT"):
+        r = client.request(method, path)
+        assert_error(r, 405, "method_not_allowed")
+        assert {m.strip() for m in r.headers["allow"].split(",")} == allowed
+
+
+# ---------------------------------------------------------------------- keep-alive after errors
+def _exchange(sock: socket.socket, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        body += sock.recv(65536)
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_errors_keep_the_connection_alive_and_a_500_says_it_closes(tmp_path, tiny_checkpoint, monkeypatch):
+    app = create_app(Settings(store_dir=tmp_path, checkpoint=tiny_checkpoint))
+    with ThreadedServer(app) as server, socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        deep = ("[" * 5000 + "]" * 5000).encode()
+        body, content_type = multipart({"species": b"zebra", "detections": deep})
+        request = (f"POST /v1/identify HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        status, headers, _ = _exchange(sock, request)
+        assert status in (404, 409, 422) and headers.get("connection") != "close"
+        status, _, _ = _exchange(sock, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 200  # the same connection still serves
+        # an unexpected failure (none is known) is a 500 that says the connection closes
+        monkeypatch.setattr(type(app.state.service.store), "audit_entries",
+                            lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected")))
+        key = app.state.service.store.create_key("k")[1]
+        status, headers, body = _exchange(sock, f"GET /v1/audit HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}"
+                                                f"\r\n\r\n".encode())
+        assert status == 500 and headers.get("connection") == "close" and b"internal_error" in body
