@@ -26,6 +26,7 @@ from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.routers import health, identify, images, individuals
 from service.routers.health import VERSION
 from service.settings import Settings
+from service.store import disk_full
 
 log = logging.getLogger("wildreid.service")
 
@@ -70,7 +71,7 @@ def allowed_methods(app: FastAPI, scope) -> list[str]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": "1"}}.get(exc.status)
         return error_response(exc.status, exc.code, exc.message, exc.details, headers)
 
     @app.exception_handler(ReidError)
@@ -104,6 +105,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def database_error(request: Request, exc: DBAPIError):
         # nothing was committed: every write is one transaction
         log.error("database error on %s %s: %s", request.method, request.url.path, exc.orig)
+        if disk_full(exc):
+            return error_response(507, "disk_full", "the disk of the database is full: nothing was written; free "
+                                                    "disk space and send the request again")
         return error_response(503, "database_unavailable", "the database did not complete the request (busy or "
                                                             "unreachable); nothing was written, try again",
                               headers={"Retry-After": "1"})

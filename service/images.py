@@ -11,6 +11,7 @@ atomically (temporary file, fsync, rename) before the database row that referenc
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -23,7 +24,8 @@ from fastapi import UploadFile
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from reid.io import atomic_path
-from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
+from service.errors import (ApiError, InsufficientStorage, InvalidInput, PayloadTooLarge, StorageUnavailable,
+                            UnsupportedMedia)
 
 READ_CHUNK = 1024 * 1024
 ORIENTATION = 0x0112
@@ -134,14 +136,31 @@ def parse_bbox(text: str, index: int = 0) -> tuple[float, float, float, float]:
     return x, y, w, h
 
 
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
 def store_file(store_dir: Path, upload: Upload) -> str:
-    """Write the upload under its content address (once); return its path relative to the store."""
+    """Write the upload under its content address (once); return its path relative to the store.
+
+    A full disk is a 507 and any other failing write a 503; the temporary file of a write cut
+    short is removed, so nothing half-written is left under the file's name."""
     path = store_dir / upload.relpath
-    if not path.exists() or path.stat().st_size != len(upload.data):
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(upload.data)
-        _fsync_dir(path.parent)
+    try:
+        if not path.exists() or path.stat().st_size != len(upload.data):
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(upload.data)
+            _fsync_dir(path.parent)
+    except OSError as exc:
+        raise file_write_error(exc, upload.relpath) from None
     return upload.relpath
+
+
+def file_write_error(exc: OSError, relpath: str) -> ApiError:
+    if exc.errno in DISK_FULL:
+        return InsufficientStorage("the disk of the image store is full: the photo could not be stored and nothing "
+                                   "was recorded; free disk space and send the request again")
+    return StorageUnavailable(f"the image store could not write {relpath} ({exc.strerror or exc}); nothing was "
+                              "recorded, try again")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -172,6 +172,19 @@ class Tx:
     now: str
 
 
+SQLITE_FULL = 13  # "database or disk is full"
+POSTGRES_DISK_FULL = "53100"
+
+
+def disk_full(exc: DBAPIError) -> bool:
+    """Whether a database error says its disk (or SQLite's page limit) is full."""
+    orig = exc.orig
+    code = getattr(orig, "sqlite_errorcode", None)  # Python >= 3.11; the message says it on 3.10
+    if (code is not None and code & 0xFF == SQLITE_FULL) or getattr(orig, "sqlstate", None) == POSTGRES_DISK_FULL:
+        return True
+    return "database or disk is full" in str(orig)
+
+
 def normalise_url(url: str) -> str:
     """PostgreSQL URLs without a driver use psycopg (3), the driver this project installs."""
     for prefix in ("postgresql://", "postgres://"):

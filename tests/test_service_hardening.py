@@ -6,7 +6,9 @@ the keep-alive test runs the same kind of app in a real uvicorn server.
 """
 from __future__ import annotations
 
+import errno
 import socket
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -245,3 +247,62 @@ def test_errors_keep_the_connection_alive_and_a_500_says_it_closes(tmp_path, tin
         status, headers, body = _exchange(sock, f"GET /v1/audit HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}"
                                                 f"\r\n\r\n".encode())
         assert status == 500 and headers.get("connection") == "close" and b"internal_error" in body
+
+
+# ---------------------------------------------------------------------- finding 4: a full disk
+def files_on_disk(client) -> list[str]:
+    """Every file under the image store, temporary ones included."""
+    images = client.app.state.service.settings.images_dir
+    return sorted(str(p.relative_to(images)) for p in images.rglob("*") if p.is_file())
+
+
+def test_a_full_disk_under_the_image_files_is_a_507_and_leaves_nothing_half_written(client, auth, victim,
+                                                                                    monkeypatch):
+    images = client.app.state.service.settings.images_dir
+    write_bytes = Path.write_bytes
+
+    def disk_full_halfway(path: Path, data: bytes) -> int:
+        if images not in path.parents:
+            return write_bytes(path, data)
+        write_bytes(path, data[: len(data) // 2])  # what fitted before the disk filled up
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full_halfway)
+    before, on_disk = counts(client), files_on_disk(client)
+    photo = encode(noise_image(40))
+    error = assert_error(client.post("/v1/individuals", data={"name": "Full", "species": "zebra"},
+                                     files=[("images", ("p.jpg", photo, "image/jpeg"))], headers=auth), 507,
+                         "disk_full")
+    assert "disk" in error["message"] and "full" in error["message"]
+    assert_error(client.post(f"/v1/individuals/{victim['id']}/images",
+                             files=[("images", ("p.jpg", photo, "image/jpeg"))], headers=auth), 507, "disk_full")
+    assert counts(client) == before and files_on_disk(client) == on_disk  # no row, no file, no temporary file
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)  # space freed: the same request now succeeds
+    enroll(client, auth, "Full", "zebra", photo)
+
+
+def test_a_full_disk_under_the_database_is_a_507_not_busy(tmp_path, tiny_checkpoint):
+    from sqlalchemy import event
+
+    with TestClient(create_app(Settings(store_dir=tmp_path, checkpoint=tiny_checkpoint))) as client:
+        store = client.app.state.service.store
+        headers = {"Authorization": f"Bearer {store.create_key('k')[1]}"}
+        enroll(client, headers, "First", "zebra", PHOTO)
+
+        def no_more_pages(dbapi_conn, _record):  # SQLite answers SQLITE_FULL as on a full disk
+            pages = dbapi_conn.execute("PRAGMA page_count").fetchone()[0]
+            dbapi_conn.execute(f"PRAGMA max_page_count = {pages}")
+
+        store.engine.dispose()
+        event.listen(store.engine, "connect", no_more_pages)
+        before = counts(client)
+        notes = "n" * 9000  # more than the free space left in the database's pages
+        error = assert_error(client.post("/v1/individuals", data={"name": "Second", "species": "zebra",
+                                                                   "notes": notes},
+                                         files=[("images", ("p.jpg", encode(noise_image(41)), "image/jpeg"))],
+                                         headers=headers), 507, "disk_full")
+        assert "database" in error["message"] and "full" in error["message"]
+        assert counts(client) == before
+        event.remove(store.engine, "connect", no_more_pages)
+        store.engine.dispose()
+        enroll(client, headers, "Second", "zebra", encode(noise_image(41)))

@@ -16,7 +16,7 @@ from service.schemas import (LINE, MAX_ID, OPTIONAL_SPECIES_INPUT, EnrollForm, I
 
 router = APIRouter(prefix="/v1/individuals", tags=["individuals"], route_class=StrictFormRoute)
 
-WRITE_ERRORS = errors(400, 401, 403, 404, 409, 413, 415, 422)
+WRITE_ERRORS = errors(400, 401, 403, 404, 409, 413, 415, 422, 503, 507)
 
 
 @router.post("", status_code=201, response_model=IndividualOut, responses=WRITE_ERRORS,
