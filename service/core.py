@@ -25,6 +25,7 @@ from service.pipeline import (Animal, Found, View, detected_animals, enrollable,
                               plan_bboxes)
 from service.settings import Settings
 from service.store import NewImage, Store
+from service.upkeep import MISSING, FileIntegrity, Periodic, SweepResult, sweep_orphans
 
 log = logging.getLogger("wildreid.service")
 
@@ -41,6 +42,8 @@ class Service:
         self.crops = models.crop_settings
         self.warnings: list[str] = models.uncalibrated()
         self._cache: dict = {"seq": None}
+        self.integrity = FileIntegrity(on_change=metrics.corrupt_files.set)
+        self.sweeper = Periodic(self._sweep_periodically, settings.orphan_sweep_interval_s, "wildreid-orphan-sweep")
 
     # ------------------------------------------------------------------ life cycle
     @classmethod
@@ -55,59 +58,81 @@ class Service:
         store = Store(settings.url, settings.sqlite_synchronous)
         galleries = Galleries(store, models.layout, settings.index_kind, settings.ann_threshold)
         service = cls(settings, store, models, galleries, metrics)
-        service.remove_stale_temporary_files()
+        service.sweep_orphans()
         service.reembed_stale()
         galleries.rebuild()
         models.start()
+        service.sweeper.start()
         served = "; ".join(f"{m['species']}: model {m['model']}, thresholds from {m['thresholds']['source']}"
                            for m in models.describe()["models"])
         log.info("wildreid service ready (%s); galleries %s", served, galleries.sizes())
         return service
 
     def close(self) -> None:
+        self.sweeper.stop()
         self.models.close()
         self.store.close()
 
-    def remove_stale_temporary_files(self, older_than_s: float = 600.0) -> int:
-        """Temporary files of image writes cut short by a crash (never referenced by the database)."""
-        import time
+    def sweep_orphans(self) -> SweepResult:
+        """Remove the image files no row names (older than the grace period) and cut-short temporary files."""
+        images_dir = self.settings.images_dir
+        result = sweep_orphans(images_dir, images_dir.name, self.store.referenced_paths, self.settings.orphan_grace_s)
+        self.metrics.orphans_removed.inc(result.orphans)
+        if result.orphans or result.temporary:
+            log.warning("orphan sweep: removed %d image files that no database row names (older than %g s) and %d "
+                        "temporary files of cut-short writes", result.orphans, self.settings.orphan_grace_s,
+                        result.temporary)
+        return result
 
-        removed, cutoff = 0, time.time() - older_than_s
-        for path in self.settings.images_dir.glob("*/.*.tmp"):
-            try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    removed += 1
-            except OSError:
-                pass
-        return removed
+    def _sweep_periodically(self) -> None:
+        try:
+            self.sweep_orphans()
+        except Exception:  # noqa: BLE001 - a failed sweep (database away) is retried at the next interval
+            log.exception("orphan sweep failed")
 
     def reembed_stale(self) -> int:
-        """Embed again, from their stored files and boxes, the images another model (or crop shape) embedded."""
-        done = 0
+        """Embed again, from their stored files and boxes, the images another model (or crop shape) embedded;
+        those whose files are corrupt are skipped (the service starts without them)."""
+        done = skipped = 0
         for species in self.store.all_species():
             model = self.models.model(species)
             if model is None:
                 continue  # kept as they are: searchable again once a model serves the species
             network = model.network
-            while rows := self.store.stale_images(species, network.stamp):
+            after = 0
+            while rows := self.store.stale_images(species, network.stamp, after):
+                after = rows[-1]["id"]
                 vectors = {}
                 for row in rows:
-                    box = parse_bbox(row["bbox"]) if row["bbox"] else None
-                    try:
-                        data = (self.settings.store_dir / row["path"]).read_bytes()
-                        upload = decode_upload(data, 0, row["path"], self.settings.max_pixels,
-                                               self.settings.allowed_formats, self.draft_size(box is not None))
-                    except (OSError, ReidError) as exc:
-                        raise ReidError(f"cannot embed stored image {row['id']} ({row['path']}) with the new model: "
-                                        f"{exc}") from None
-                    array = self.crops.cut(upload.array, box) if box else upload.array
-                    vectors[row["id"]] = network.runner.forward([network.runner.preprocess(array)])[0]
-                self.store.set_embeddings(vectors, network.stamp)
+                    array = self._stored_view(row)
+                    if array is not None:
+                        vectors[row["id"]] = network.runner.forward([network.runner.preprocess(array)])[0]
+                    else:
+                        skipped += 1
+                if vectors:
+                    self.store.set_embeddings(vectors, network.stamp)
                 done += len(vectors)
         if done:
             log.warning("embedded %d stored images again with the current models", done)
+        if skipped:
+            log.warning("%d stored images could not be embedded again (their files are corrupt or missing: see the "
+                        "errors above); they stay out of the gallery until their photos are uploaded again", skipped)
         return done
+
+    def _stored_view(self, row: dict) -> np.ndarray | None:
+        """The model input of a stored image (its file, verified, decoded and cut by its box); None when the
+        file is corrupt, missing or undecodable (logged and recorded as corrupt)."""
+        if self.integrity.check(self.settings.store_dir, row["path"], row["sha256"], row["id"]):
+            return None
+        box = parse_bbox(row["bbox"]) if row["bbox"] else None
+        try:
+            data = (self.settings.store_dir / row["path"]).read_bytes()
+            upload = decode_upload(data, 0, row["path"], self.settings.max_pixels, self.settings.allowed_formats,
+                                   self.draft_size(box is not None))
+        except (OSError, ReidError) as exc:
+            log.error("stored image %d (%s) cannot be embedded again: %s", row["id"], row["path"], exc)
+            return None
+        return self.crops.cut(upload.array, box) if box else upload.array
 
     # ------------------------------------------------------------------ photos to animals
     async def find(self, files: list, bbox_texts: list[str], detection_texts: list[str], multi_animal: bool,
@@ -294,6 +319,7 @@ class Service:
         for view, vector in zip(views, vectors):
             upload = found.uploads[view.image]
             path = store_file(self.settings.store_dir, upload)
+            self.integrity.intact(path)  # verified or written afresh
             out.append(NewImage(upload.sha256, path, upload.media_type, upload.width, upload.height,
                                 len(upload.data), vector, upload.filename,
                                 ",".join(f"{v:.6g}" for v in view.box) if view.box else None))
@@ -321,7 +347,11 @@ class Service:
         self.galleries.sync()
 
     def image_path(self, image: dict) -> Path:
-        path = (self.settings.store_dir / image["path"]).resolve()
-        if not path.is_file():
-            raise NotFound(f"the file of image {image['id']} is missing from the store", code="image_file_missing")
-        return path
+        """The stored file of an image, checked against its SHA-256 (404 when it is missing or changed)."""
+        problem = self.integrity.check(self.settings.store_dir, image["path"], image["sha256"], image["id"])
+        if problem is not None:
+            missing = problem == MISSING
+            raise NotFound(f"the file of image {image['id']} is {'missing from' if missing else 'corrupt in'} the "
+                           f"store ({problem}); upload the photo again to restore it",
+                           code="image_file_missing" if missing else "image_file_corrupt")
+        return (self.settings.store_dir / image["path"]).resolve()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from reid.io import atomic_path
 from service.errors import (ApiError, InsufficientStorage, InvalidInput, PayloadTooLarge, StorageUnavailable,
                             UnsupportedMedia)
+from service.upkeep import MISSING, file_problem
+
+log = logging.getLogger("wildreid.service")
 
 READ_CHUNK = 1024 * 1024
 ORIENTATION = 0x0112
@@ -140,13 +144,20 @@ DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 def store_file(store_dir: Path, upload: Upload) -> str:
-    """Write the upload under its content address (once); return its path relative to the store.
+    """Write the upload under its content address; return its path relative to the store.
 
-    A full disk is a 507 and any other failing write a 503; the temporary file of a write cut
-    short is removed, so nothing half-written is left under the file's name."""
+    A file already there is kept when it is this photo (its SHA-256 checked: a file changed on disk
+    is replaced) and its time refreshed, so that the orphan sweep (service/upkeep.py) does not take
+    it before the row that names it commits. A full disk is a 507 and any other failing write a
+    503; the temporary file of a write cut short is removed, so nothing half-written is left."""
     path = store_dir / upload.relpath
     try:
-        if not path.exists() or path.stat().st_size != len(upload.data):
+        problem = file_problem(path, upload.sha256)
+        if problem is None:
+            os.utime(path)
+        else:
+            if problem != MISSING:
+                log.warning("replacing stored image file %s: %s", upload.relpath, problem)
             with atomic_path(path) as tmp:
                 tmp.write_bytes(upload.data)
             _fsync_dir(path.parent)

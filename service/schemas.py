@@ -311,6 +311,8 @@ class Ready(BaseModel):
     change_seq: int
     galleries: dict[str, int]
     foreign_images: int = Field(description="images embedded by another model, not searchable by this one")
+    corrupt_files: int = Field(0, description="stored image files found corrupt or missing (served or embedded "
+                                              "again): upload those photos again to replace them")
     warnings: list[str]
 
 

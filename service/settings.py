@@ -72,6 +72,11 @@ class Settings(BaseModel):
     # storage
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
     page_size_max: int = Field(200, ge=1)
+    orphan_grace_s: float = Field(3600.0, ge=0, description="image files that no database row names are removed "
+                                                           "once this old (longer than any request takes between "
+                                                           "storing a photo and committing its row)")
+    orphan_sweep_interval_s: float = Field(3600.0, ge=0, description="seconds between sweeps of orphan files "
+                                                                    "(one runs at start; 0: only then)")
 
     @field_validator("store_dir", "checkpoint", "routes", "detector", "species_classifier")
     @classmethod

@@ -306,3 +306,111 @@ def test_a_full_disk_under_the_database_is_a_507_not_busy(tmp_path, tiny_checkpo
         event.remove(store.engine, "connect", no_more_pages)
         store.engine.dispose()
         enroll(client, headers, "Second", "zebra", encode(noise_image(41)))
+
+
+# ---------------------------------------------------------------------- finding 6: corrupt stored files
+def stored_path(client, image_id: int) -> Path:
+    service = client.app.state.service
+    return service.settings.store_dir / service.store.get_image(image_id)["path"]
+
+
+def metric(client, name: str) -> float:
+    line = next(line for line in client.get("/metrics").text.splitlines() if line.startswith(name + " "))
+    return float(line.split()[1])
+
+
+def test_a_corrupt_stored_file_is_not_served_is_reported_and_is_replaced_by_the_same_photo(tmp_path,
+                                                                                           tiny_checkpoint):
+    photo = encode(noise_image(50))
+    with TestClient(create_app(Settings(store_dir=tmp_path, checkpoint=tiny_checkpoint))) as client:
+        headers = {"Authorization": f"Bearer {client.app.state.service.store.create_key('k')[1]}"}
+        image = enroll(client, headers, "Stored", "zebra", photo)["images"][0]
+        path = stored_path(client, image["id"])
+        path.write_bytes(bytes(len(photo)))  # overwritten in place, same size
+        error = assert_error(client.get(image["file_url"]), 404, "image_file_corrupt")
+        assert "SHA-256" in error["message"] and "upload the photo again" in error["message"]
+        ready = client.get("/ready").json()
+        assert ready["corrupt_files"] == 1 and any("corrupt" in w for w in ready["warnings"])
+        assert metric(client, "wildreid_corrupt_image_files") == 1
+        # the same photo uploaded again (another sighting) replaces the file
+        r = client.post(f"/v1/individuals/{image_id_owner(client, image['id'])}/images", headers=headers,
+                        files=[("images", ("again.jpg", photo, "image/jpeg"))])
+        assert r.status_code == 201, r.text
+        assert path.read_bytes() == photo
+        served = client.get(image["file_url"])
+        assert served.status_code == 200 and served.content == photo
+        assert served.headers["etag"] == f'"{image["sha256"]}"'
+        assert client.get("/ready").json()["corrupt_files"] == 0
+        assert metric(client, "wildreid_corrupt_image_files") == 0
+        path.unlink()  # gone altogether: 404 that says missing
+        assert_error(client.get(image["file_url"]), 404, "image_file_missing")
+
+
+def image_id_owner(client, image_id: int) -> int:
+    return client.app.state.service.store.get_image(image_id)["individual_id"]
+
+
+def test_reembedding_skips_a_corrupt_file_with_a_warning_and_starts(tmp_path, tiny_checkpoint, caplog):
+    from tests.conftest import write_checkpoint
+
+    with TestClient(create_app(Settings(store_dir=tmp_path, checkpoint=tiny_checkpoint))) as client:
+        headers = {"Authorization": f"Bearer {client.app.state.service.store.create_key('k')[1]}"}
+        kept = enroll(client, headers, "Kept", "zebra", encode(noise_image(60)))
+        broken = enroll(client, headers, "Broken", "zebra", encode(noise_image(61)))
+        path = stored_path(client, broken["images"][0]["id"])
+    path.write_bytes(path.read_bytes()[:100])  # truncated on disk
+    other = write_checkpoint(tmp_path / "other.pt", seed=7)
+    with caplog.at_level("WARNING", logger="wildreid.service"), \
+            TestClient(create_app(Settings(store_dir=tmp_path, checkpoint=other))) as client:
+        ready = client.get("/ready").json()
+        assert ready["status"] == "ready" and ready["galleries"] == {"zebra": 1}
+        assert ready["corrupt_files"] == 1 and ready["foreign_images"] == 1
+        result = client.post("/v1/identify", data={"species": "zebra"},
+                             files=[("images", ("q.jpg", encode(noise_image(60)), "image/jpeg"))]).json()
+        assert result["animals"][0]["candidates"][0]["individual_id"] == kept["id"]
+    assert "could not be embedded again" in caplog.text and "is corrupt" in caplog.text
+
+
+# ---------------------------------------------------------------------- finding 7: orphan files
+def orphan(images: Path, seed: int, age_s: float, name: str | None = None) -> Path:
+    """A file under the image store that no row names, `age_s` seconds old."""
+    import hashlib
+    import os
+    import time
+
+    data = encode(noise_image(seed))
+    digest = hashlib.sha256(data).hexdigest()
+    path = images / digest[:2] / (name or f"{digest}.jpg")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    then = time.time() - age_s
+    os.utime(path, (then, then))
+    return path
+
+
+def test_orphan_files_are_swept_at_start_and_periodically_after_a_grace_period(tmp_path, tiny_checkpoint):
+    import os
+    import time
+
+    settings = Settings(store_dir=tmp_path, checkpoint=tiny_checkpoint, orphan_grace_s=600,
+                        orphan_sweep_interval_s=0.2)
+    images = settings.images_dir
+    at_start = orphan(images, 70, age_s=3600)
+    with TestClient(create_app(settings)) as client:
+        assert not at_start.exists()  # swept at start
+        headers = {"Authorization": f"Bearer {client.app.state.service.store.create_key('k')[1]}"}
+        image = enroll(client, headers, "Named", "zebra", encode(noise_image(71)))["images"][0]
+        named = stored_path(client, image["id"])
+        os.utime(named, (time.time() - 3600,) * 2)
+        old, recent = orphan(images, 72, age_s=3600), orphan(images, 73, age_s=10)
+        temporary = orphan(images, 74, age_s=3600, name=".x.jpg.abc.tmp")
+        # an old orphan whose photo is uploaded again gets a fresh time, so it is not swept under its new row
+        again = orphan(images, 75, age_s=3600)
+        enroll(client, headers, "Again", "zebra", encode(noise_image(75)))
+        deadline = time.monotonic() + 20
+        while (old.exists() or temporary.exists()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not old.exists() and not temporary.exists()
+        assert named.exists() and recent.exists() and again.exists()
+        assert metric(client, "wildreid_orphan_files_removed_total") == 2  # at start, then periodically
+        assert client.get(image["file_url"]).status_code == 200

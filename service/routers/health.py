@@ -47,10 +47,15 @@ async def ready(service: ServiceDep) -> Response:
         return ok, seq, problems
 
     ok, seq, problems = await run_in_threadpool(check)
+    corrupt = service.integrity.corrupt()
+    if corrupt:
+        shown = "; ".join(f"{path}: {problem}" for path, problem in sorted(corrupt.items())[:5])
+        problems.append(f"{len(corrupt)} stored image files are corrupt or missing ({shown}"
+                        f"{'; ...' if len(corrupt) > 5 else ''}): upload those photos again to replace them")
     body = Ready(status="ready" if ok else "not ready", **service.models.describe(),
                  database=service.store.engine.url.render_as_string(hide_password=True), change_seq=seq,
                  galleries=service.galleries.sizes(), foreign_images=service.galleries.foreign,
-                 warnings=service.warnings + problems)
+                 corrupt_files=len(corrupt), warnings=service.warnings + problems)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 
