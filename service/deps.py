@@ -31,7 +31,9 @@ async def get_service(request: Request) -> Service:  # async: a plain def would 
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-async def _caller(request: Request, service: Service, required: bool) -> Caller:
+async def authenticate(request: Request, service: Service, required: bool) -> Caller:
+    """The caller of a request by its API key (401 when `required` and none is sent; a key sent anyway
+    must be valid)."""
     header = request.headers.get("authorization")
     if header is None:
         if required:
@@ -52,11 +54,11 @@ async def _caller(request: Request, service: Service, required: bool) -> Caller:
 
 async def reader(request: Request, service: ServiceDep, _doc=Depends(bearer_scheme)) -> Caller:
     """A key is needed for reads only with require_key_for_reads; a key sent anyway must be valid."""
-    return await _caller(request, service, service.settings.require_key_for_reads)
+    return await authenticate(request, service, service.settings.require_key_for_reads)
 
 
 async def writer(request: Request, service: ServiceDep, _doc=Depends(bearer_scheme)) -> Caller:
-    return await _caller(request, service, True)
+    return await authenticate(request, service, True)
 
 
 ReaderDep = Annotated[Caller, Depends(reader)]

@@ -302,6 +302,13 @@ class ModelOut(BaseModel):
     thresholds: Thresholds
 
 
+class ReadyBrief(BaseModel):
+    """Readiness without its details (require_key_for_reads, no key sent)."""
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["ready", "not ready"]
+
+
 class Ready(BaseModel):
     status: Literal["ready", "not ready"]
     models: list[ModelOut]

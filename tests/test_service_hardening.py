@@ -414,3 +414,20 @@ def test_orphan_files_are_swept_at_start_and_periodically_after_a_grace_period(t
         assert named.exists() and recent.exists() and again.exists()
         assert metric(client, "wildreid_orphan_files_removed_total") == 2  # at start, then periodically
         assert client.get(image["file_url"]).status_code == 200
+
+
+# ---------------------------------------------------------------------- finding 8: keyless reads
+def test_require_key_for_reads_covers_ready_details_and_metrics(tmp_path, tiny_checkpoint):
+    settings = Settings(store_dir=tmp_path, checkpoint=tiny_checkpoint, require_key_for_reads=True)
+    with TestClient(create_app(settings)) as client:
+        headers = {"Authorization": f"Bearer {client.app.state.service.store.create_key('reader')[1]}"}
+        enroll(client, headers, "Secret", "okapi", PHOTO)
+        r = client.get("/ready")
+        assert r.status_code == 200 and r.json() == {"status": "ready"}  # enough for a load balancer
+        assert "okapi" not in r.text and str(tmp_path) not in r.text
+        full = client.get("/ready", headers=headers).json()
+        assert full["galleries"] == {"okapi": 1} and full["models"]
+        assert_error(client.get("/ready", headers={"Authorization": "Bearer wr_wrong"}), 401, "invalid_key")
+        assert_error(client.get("/metrics"), 401, "missing_key")
+        metrics = client.get("/metrics", headers=headers)
+        assert metrics.status_code == 200 and 'wildreid_gallery_images{species="okapi"} 1.0' in metrics.text
