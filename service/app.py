@@ -32,7 +32,7 @@ log = logging.getLogger("wildreid.service")
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 406: "not_acceptable",
-              413: "payload_too_large", 415: "unsupported_media_type"}
+              408: "request_timeout", 413: "payload_too_large", 415: "unsupported_media_type"}
 
 DESCRIPTION = """Re-identification of individual animals: enroll photos of known individuals, identify new photos.
 
@@ -144,7 +144,8 @@ def create_app(settings: Settings) -> FastAPI:
     for router in (identify.router, individuals.router, images.router, health.router):
         app.include_router(router)
     # added last = outermost: metrics see every answer, the 413s of the body limit included
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes,
+                       idle_timeout_s=settings.body_idle_timeout_s, deadline_s=settings.body_deadline_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 

@@ -34,6 +34,12 @@ class Settings(BaseModel):
     # upload limits
     max_upload_bytes: int = Field(20 * MB, ge=1, description="largest single uploaded file")
     max_request_bytes: int = Field(64 * MB, ge=1, description="largest request body (refused before it is read)")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must be complete this long after "
+                                                           "the connection opens or the request begins (else 408)")
+    body_idle_timeout_s: float = Field(30.0, gt=0, description="longest wait for the next part of a request body "
+                                                              "(else 408)")
+    body_deadline_s: float = Field(600.0, gt=0, description="a request body must be complete this long after the "
+                                                           "request begins (else 408)")
     max_pixels: int = Field(50_000_000, ge=1, description="largest width x height of an upload (decompression bombs)")
     max_images_per_request: int = Field(10, ge=1)
     allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")

@@ -7,6 +7,7 @@ the keep-alive test runs the same kind of app in a real uvicorn server.
 from __future__ import annotations
 
 import errno
+import select
 import socket
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
+from service.protocol import HeaderTimeoutProtocol
 from service.testing import ThreadedServer, encode, noise_image
 
 PHOTO = encode(noise_image(0))
@@ -431,3 +433,48 @@ def test_require_key_for_reads_covers_ready_details_and_metrics(tmp_path, tiny_c
         assert_error(client.get("/metrics"), 401, "missing_key")
         metrics = client.get("/metrics", headers=headers)
         assert metrics.status_code == 200 and 'wildreid_gallery_images{species="okapi"} 1.0' in metrics.text
+
+
+# ---------------------------------------------------------------------- finding 9: slow clients
+class QuickHeaderTimeout(HeaderTimeoutProtocol):
+    header_timeout_s = 0.5
+
+
+def _answer(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_slow_bodies_and_slow_headers_are_cut_off_with_408(tmp_path, tiny_checkpoint):
+    import time
+
+    settings = Settings(store_dir=tmp_path, checkpoint=tiny_checkpoint, body_idle_timeout_s=0.5, body_deadline_s=2)
+    with ThreadedServer(create_app(settings), http=QuickHeaderTimeout) as server:
+        address = ("127.0.0.1", server.port)
+        with socket.create_connection(address, timeout=20) as sock:  # declares 1,000 bytes, sends 9
+            started = time.monotonic()
+            sock.sendall(b"POST /v1/identify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                         b"Content-Length: 1000\r\n\r\n--b\r\nabcd")
+            answer = _answer(sock)
+            assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer, answer
+            assert b"connection: close" in answer.lower() and time.monotonic() - started < 10
+        with socket.create_connection(address, timeout=20) as sock:  # a trickle: under the idle timeout, past the deadline
+            started = time.monotonic()
+            sock.sendall(b"POST /v1/identify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                         b'Content-Length: 10000\r\n\r\n--b\r\nContent-Disposition: form-data; name="images"; '
+                         b'filename="a.jpg"\r\n\r\n')
+            while not select.select([sock], [], [], 0.2)[0] and time.monotonic() - started < 8:
+                sock.sendall(b"x")  # a byte every 0.2 s until the server answers
+            assert b"408" in _answer(sock) and time.monotonic() - started < 8
+        for partial in (b"GET /health HTTP/1.1\r\nHost: x\r\n", b""):  # headers never complete; nothing at all
+            with socket.create_connection(address, timeout=20) as sock:
+                started = time.monotonic()
+                sock.sendall(partial)
+                answer = _answer(sock)
+                assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5, answer
+        with socket.create_connection(address, timeout=20) as sock:  # a prompt client is served as before
+            status, _, _ = _exchange(sock, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert status == 200
