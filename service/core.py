@@ -18,7 +18,8 @@ from reid.species.detector import detection_rows
 from reid.species.speciesnet import UNKNOWN
 from service.errors import Conflict, InvalidInput, NotFound
 from service.gallery import Galleries
-from service.images import decode_upload, parse_bbox, read_upload, store_file
+from service.budget import Lease, MemoryBudget
+from service.images import Upload, decode_upload, parse_bbox, read_upload, store_file
 from service.metrics import Metrics
 from service.models import Models, SpeciesRoute
 from service.pipeline import (Animal, Found, View, detected_animals, enrollable, given_animals, parse_detections,
@@ -43,6 +44,8 @@ class Service:
         self.warnings: list[str] = models.uncalibrated()
         self._cache: dict = {"seq": None}
         self.integrity = FileIntegrity(on_change=metrics.corrupt_files.set)
+        self.decode_budget = MemoryBudget(settings.decode_budget_bytes, settings.request_decode_budget_bytes,
+                                          settings.decode_wait_s, on_change=metrics.decode_bytes.set)
         self.sweeper = Periodic(self._sweep_periodically, settings.orphan_sweep_interval_s, "wildreid-orphan-sweep")
 
     # ------------------------------------------------------------------ life cycle
@@ -127,8 +130,7 @@ class Service:
         box = parse_bbox(row["bbox"]) if row["bbox"] else None
         try:
             data = (self.settings.store_dir / row["path"]).read_bytes()
-            upload = decode_upload(data, 0, row["path"], self.settings.max_pixels, self.settings.allowed_formats,
-                                   self.draft_size(box is not None))
+            upload = self.decode(data, 0, row["path"], box is not None)
         except (OSError, ReidError) as exc:
             log.error("stored image %d (%s) cannot be embedded again: %s", row["id"], row["path"], exc)
             return None
@@ -136,12 +138,13 @@ class Service:
 
     # ------------------------------------------------------------------ photos to animals
     async def find(self, files: list, bbox_texts: list[str], detection_texts: list[str], multi_animal: bool,
-                   species: str | None) -> Found:
+                   species: str | None, lease: Lease) -> Found:
         """Read and decode a request's photos and find its animals (given boxes, detections, or whole photos).
 
         Their species is `species`, else the store's only one when no classifier is configured (else
         `classify` names it next); animals with a species and a model are preprocessed for it here, in
-        the same thread hop as decoding."""
+        the same thread hop as decoding. The decoded photos' memory is reserved from `lease`, which the
+        request holds until it ends."""
         limit = self.settings.max_images_per_request
         if len(files) > limit:
             raise InvalidInput(f"{len(files)} images in one request; the limit is {limit}", code="too_many_images")
@@ -154,19 +157,21 @@ class Service:
         datas = [await read_upload(f, i, self.settings.max_upload_bytes) for i, f in enumerate(files)]
         names = [f.filename for f in files]
         with self.models.incoming():
-            return await run_in_threadpool(self._find, datas, names, plan, tables, multi_animal, species)
+            return await run_in_threadpool(self._find, datas, names, plan, tables, multi_animal, species, lease)
 
-    def draft_size(self, cropped: bool) -> int | None:
-        """The JPEG decoding scale: reduced (faster) down to twice the largest model input for a photo
-        taken whole; full resolution when boxes will be cut from it, whose pixels the crop needs."""
-        return None if cropped else self.models.draft_size
+    def decode(self, data: bytes, index: int, name: str | None, cropped: bool, lease: Lease | None = None) -> Upload:
+        """A photo decoded as the model needs it: taken whole, reduced (JPEG: decoded at a reduced scale)
+        down to twice the largest model input; cropped, kept at up to max_decoded_pixels, whose pixels
+        the crops are cut from."""
+        settings = self.settings
+        return decode_upload(data, index, name, settings.max_pixels, settings.allowed_formats,
+                             None if cropped else self.models.draft_size, settings.max_decoded_pixels, lease)
 
     def _find(self, datas: list[bytes], names: list, plan: list | None, tables: list | None, multi_animal: bool,
-              species: str | None) -> Found:
+              species: str | None, lease: Lease) -> Found:
         detector, source = self.models.detector, "detections"
         cropped = tables is not None or detector is not None or any(box for a in plan or [] for _, box in a)
-        uploads = [decode_upload(data, i, name, self.settings.max_pixels, self.settings.allowed_formats,
-                                 self.draft_size(cropped)) for i, (data, name) in enumerate(zip(datas, names))]
+        uploads = [self.decode(data, i, name, cropped, lease) for i, (data, name) in enumerate(zip(datas, names))]
         if plan is None and tables is None and detector is not None:
             tables = [detection_rows(str(i), detector.detect(u.array)) for i, u in enumerate(uploads)]
             source = detector.name
@@ -274,12 +279,12 @@ class Service:
             return f"no re-ID model serves species '{animal.species}'"
         return None
 
-    async def embed_individual(self, species: str, files: list, bbox_texts: list[str],
-                               detection_texts: list[str]) -> tuple[Found, list[View], np.ndarray, SpeciesRoute]:
+    async def embed_individual(self, species: str, files: list, bbox_texts: list[str], detection_texts: list[str],
+                               lease: Lease) -> tuple[Found, list[View], np.ndarray, SpeciesRoute]:
         """The photos of one individual to store: each shows it once (404/409/422 otherwise), embedded by
         its species' model."""
         model = self.require_model(species)
-        found = await self.find(files, bbox_texts, detection_texts, multi_animal=False, species=species)
+        found = await self.find(files, bbox_texts, detection_texts, multi_animal=False, species=species, lease=lease)
         views = [view for animal in found.animals for view in animal.views]
         return found, views, await self.embed(model, views), model
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, AsyncIterator
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+from service.budget import Lease
 from service.core import Service
 from service.errors import Forbidden, NotReady, Unauthorized
 
@@ -63,3 +64,15 @@ async def writer(request: Request, service: ServiceDep, _doc=Depends(bearer_sche
 
 ReaderDep = Annotated[Caller, Depends(reader)]
 WriterDep = Annotated[Caller, Depends(writer)]
+
+
+async def decode_lease(service: ServiceDep) -> AsyncIterator[Lease]:
+    """The request's share of the decoding memory budget, handed back when the request ends."""
+    lease = service.decode_budget.lease()
+    try:
+        yield lease
+    finally:
+        lease.close()
+
+
+LeaseDep = Annotated[Lease, Depends(decode_lease)]

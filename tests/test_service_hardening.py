@@ -7,10 +7,12 @@ the keep-alive test runs the same kind of app in a real uvicorn server.
 from __future__ import annotations
 
 import errno
+import io
 import select
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -19,6 +21,7 @@ from service.settings import Settings
 from service.protocol import HeaderTimeoutProtocol
 from service.testing import ThreadedServer, encode, noise_image
 
+MB = 1024 * 1024
 PHOTO = encode(noise_image(0))
 
 
@@ -478,3 +481,94 @@ def test_slow_bodies_and_slow_headers_are_cut_off_with_408(tmp_path, tiny_checkp
         with socket.create_connection(address, timeout=20) as sock:  # a prompt client is served as before
             status, _, _ = _exchange(sock, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             assert status == 200
+
+
+# ---------------------------------------------------------------------- finding 5: decoding memory
+def single_colour(size: int, fmt: str) -> bytes:
+    """A photo-sized image of one colour: a few KB as PNG, size x size x 4 bytes decoded by Pillow."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (120, 80, 40)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bomb_png() -> bytes:
+    return single_colour(4000, "PNG")
+
+
+def test_a_whole_photo_is_kept_small_and_its_decode_reserved_then_handed_back(bomb_png):
+    from service.budget import MemoryBudget
+    from service.images import decode_upload
+
+    budget = MemoryBudget(200 * MB, 100 * MB, wait_s=5)
+    lease = budget.lease()
+    upload = decode_upload(bomb_png, 0, "bomb.png", 50_000_000, ("PNG",), draft_size=128, kept_pixels=12_000_000,
+                           lease=lease)
+    assert (upload.width, upload.height) == (4000, 4000)  # the file's own size is recorded
+    assert 128 <= min(upload.array.shape[:2]) < 256 and upload.array.dtype == np.uint8
+    assert upload.array[0, 0].tolist() == [120, 80, 40]
+    assert budget.used == lease.held == upload.array.nbytes  # only what is kept stays reserved
+    lease.close()
+    assert budget.used == 0
+    cropped = decode_upload(bomb_png, 0, "bomb.png", 50_000_000, ("PNG",), kept_pixels=1_000_000)
+    assert cropped.array.shape[0] * cropped.array.shape[1] <= 1_000_000 and cropped.array.shape[0] >= 990
+
+
+def test_the_decoding_budget_bounds_concurrent_decodes_and_refuses_what_never_fits():
+    import threading
+    import time
+
+    from service.budget import DecodingBusy, MemoryBudget
+    from service.errors import PayloadTooLarge
+
+    budget = MemoryBudget(100, 60, wait_s=10)
+    peak, lock = [0], threading.Lock()
+
+    def decode(keep_bytes: int) -> None:
+        lease = budget.lease()
+        with lease.decoding(40, "photo") as keep:
+            with lock:
+                peak[0] = max(peak[0], budget.used)
+            time.sleep(0.05)
+            keep(keep_bytes)
+        lease.close()
+
+    threads = [threading.Thread(target=decode, args=(k % 3,)) for k in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] <= 100 and budget.used == 0  # two decodes at a time at most: 3 x 40 > 100
+    lease = budget.lease()
+    with pytest.raises(PayloadTooLarge, match="request_decode_budget_bytes"):
+        with lease.decoding(61, "images[0]"):
+            pass
+    budget.wait_s = 0.2
+    with budget.lease().decoding(60, "a") as keep:
+        with pytest.raises(DecodingBusy, match="decode_budget_bytes"):
+            with budget.lease().decoding(50, "b"):
+                pass
+        keep(0)
+    assert budget.used == 0
+
+
+def test_a_photo_past_the_request_decoding_budget_is_a_413_naming_it_and_jpeg_is_decoded_smaller(
+        tmp_path, tiny_checkpoint, bomb_png):
+    settings = Settings(store_dir=tmp_path, checkpoint=tiny_checkpoint, decode_budget_bytes=48 * MB,
+                        request_decode_budget_bytes=32 * MB)
+    with TestClient(create_app(settings)) as client:
+        headers = {"Authorization": f"Bearer {client.app.state.service.store.create_key('k')[1]}"}
+        enroll(client, headers, "Small", "zebra", PHOTO)
+        error = assert_error(client.post("/v1/identify", data={"species": "zebra"},
+                                         files=[("images", ("bomb.png", bomb_png, "image/png"))]), 413,
+                             "decode_budget")
+        assert "request_decode_budget_bytes" in error["message"] and "bomb.png" in error["message"]
+        jpeg = single_colour(4000, "JPEG")  # decoded at 1/8 scale: well within the budget
+        r = client.post("/v1/identify", data={"species": "zebra"}, files=[("images", ("big.jpg", jpeg, "image/jpeg"))])
+        assert r.status_code == 200, r.text
+        r = client.post("/v1/identify", data={"species": "zebra", "bbox": "0.25,0.25,0.5,0.5"},
+                        files=[("images", ("big.jpg", jpeg, "image/jpeg"))])
+        assert r.status_code == 200, r.text  # cut from a bounded decode
+        assert metric(client, "wildreid_decode_budget_bytes_in_use") == 0  # handed back after each request

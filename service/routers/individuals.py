@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Query
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import ReaderDep, ServiceDep, WriterDep
+from service.deps import LeaseDep, ReaderDep, ServiceDep, WriterDep
 from service.errors import InvalidInput
 from service.forms import StrictFormRoute
 from service.routers.common import IndividualId, errors, individual, summary
@@ -21,10 +21,10 @@ WRITE_ERRORS = errors(400, 401, 403, 404, 409, 413, 415, 422, 503, 507)
 
 @router.post("", status_code=201, response_model=IndividualOut, responses=WRITE_ERRORS,
              summary="Enroll a new individual with its first photos")
-async def create_individual(service: ServiceDep, caller: WriterDep,
+async def create_individual(service: ServiceDep, caller: WriterDep, lease: LeaseDep,
                             form: Annotated[EnrollForm, Form(media_type="multipart/form-data")]) -> IndividualOut:
     found, views, vectors, model = await service.embed_individual(form.species, form.images, form.bbox,
-                                                                  form.detections)
+                                                                  form.detections, lease)
     result = await run_in_threadpool(service.enroll, form.name, form.species, found, views, vectors, model,
                                      caller.key_name, form.notes, form.observed_at, form.location)
     return individual(await run_in_threadpool(service.store.get_individual, result["individual_id"]))
@@ -93,11 +93,11 @@ async def _set_deleted(service, individual_id: int, deleted: bool, caller) -> In
 
 @router.post("/{individual_id}/images", status_code=201, response_model=SightingCreated, responses=WRITE_ERRORS,
              summary="Add a sighting (photos) of a known individual")
-async def add_sighting(individual_id: IndividualId, service: ServiceDep, caller: WriterDep,
+async def add_sighting(individual_id: IndividualId, service: ServiceDep, caller: WriterDep, lease: LeaseDep,
                        form: Annotated[SightingForm, Form(media_type="multipart/form-data")]) -> SightingCreated:
     row = await run_in_threadpool(service.store.require_live, individual_id, "add images to")  # 404 / 409 first
     found, views, vectors, model = await service.embed_individual(row["species"], form.images, form.bbox,
-                                                                  form.detections)
+                                                                  form.detections, lease)
     result = await run_in_threadpool(service.add_sighting, individual_id, found, views, vectors, model,
                                      caller.key_name, form.notes, form.observed_at, form.location)
     return SightingCreated(sighting_id=result["sighting_id"], image_ids=result["image_ids"],
