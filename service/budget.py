@@ -17,6 +17,25 @@ from typing import Callable, Iterator
 from service.errors import ApiError, PayloadTooLarge
 
 MB = 1024 * 1024
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+LARGE_ALLOCATION = 4 * MB
+
+
+def return_large_frees_to_the_os() -> bool:
+    """Make glibc serve allocations of 4 MB and more (Pillow's 16 MB image blocks) by mmap, always.
+
+    By default glibc raises that threshold after such a block is freed, so later blocks come from
+    its per-thread arenas, which keep freed memory: with many threads decoding, resident memory
+    grew to about three times what the budget let decode at once. A fixed threshold hands each
+    block back to the system when it is freed. Returns whether it applied (glibc only)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, LARGE_ALLOCATION))
+    except (OSError, AttributeError):
+        return False
 
 
 class DecodingBusy(ApiError):
@@ -33,25 +52,39 @@ class MemoryBudget:
         self.total, self.per_request, self.wait_s = total_bytes, per_request_bytes, wait_s
         self.used = 0
         self._cond = threading.Condition()
+        self._waiting: list[_Waiter] = []  # in arrival order
         self._on_change = on_change  # called with the bytes in use whenever they change
 
     def lease(self) -> "Lease":
         return Lease(self)
 
     def _take(self, nbytes: int, what: str) -> None:
+        """Reserve `nbytes`, waiting for room: first come, first served, except that a reservation that
+        fits beside the first waiter's (a small photo) need not wait behind it."""
         deadline = time.monotonic() + self.wait_s
+        me = _Waiter(nbytes)
         with self._cond:
-            while self.used + nbytes > self.total:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise DecodingBusy(f"the server is decoding other photos: {what} needs {megabytes(nbytes)} of its "
-                                       f"decoding budget of {megabytes(self.total)} (decode_budget_bytes), which "
-                                       f"stayed in use for {self.wait_s:g} s; try again")
-                self._cond.wait(remaining)
-            self.used += nbytes
-            used = self.used
+            self._waiting.append(me)
+            try:
+                while not self._fits(me):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise DecodingBusy(f"the server is decoding other photos: {what} needs {megabytes(nbytes)} "
+                                           f"of its decoding budget of {megabytes(self.total)} "
+                                           f"(decode_budget_bytes), which stayed in use for {self.wait_s:g} s; "
+                                           "try again")
+                    self._cond.wait(remaining)
+                self.used += nbytes
+                used = self.used
+            finally:
+                self._waiting.remove(me)
+                self._cond.notify_all()  # the next waiter may be first now
         if self._on_change:
             self._on_change(used)
+
+    def _fits(self, me: "_Waiter") -> bool:
+        first = self._waiting[0]
+        return self.used + me.nbytes + (0 if first is me else first.nbytes) <= self.total
 
     def _give(self, nbytes: int) -> None:
         if nbytes <= 0:
@@ -62,6 +95,13 @@ class MemoryBudget:
             self._cond.notify_all()
         if self._on_change:
             self._on_change(used)
+
+
+class _Waiter:
+    """A reservation waiting for room (compared by identity)."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
 
 
 class Lease:

@@ -18,7 +18,7 @@ from reid.species.detector import detection_rows
 from reid.species.speciesnet import UNKNOWN
 from service.errors import Conflict, InvalidInput, NotFound
 from service.gallery import Galleries
-from service.budget import Lease, MemoryBudget
+from service.budget import Lease, MemoryBudget, return_large_frees_to_the_os
 from service.images import Upload, decode_upload, parse_bbox, read_upload, store_file
 from service.metrics import Metrics
 from service.models import Models, SpeciesRoute
@@ -56,6 +56,7 @@ class Service:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         Image.MAX_IMAGE_PIXELS = settings.max_pixels
+        return_large_frees_to_the_os()  # decoded photos' memory goes back when freed (service/budget.py)
         settings.store_dir.mkdir(parents=True, exist_ok=True)
         models = Models(settings, metrics)
         store = Store(settings.url, settings.sqlite_synchronous)

@@ -121,10 +121,9 @@ def decode_upload(data: bytes, index: int, filename: str | None, max_pixels: int
                                   f"{max_pixels} pixels", code="too_many_pixels")
         if width < 1 or height < 1:
             raise InvalidInput(f"{label} has no pixels ({width}x{height})", code="corrupt_image")
-        orientation = image.getexif().get(ORIENTATION)
+        array, orientation = _decode(image, draft_size, kept_pixels, lease, label)
         if orientation in TRANSPOSING:
             width, height = height, width  # the photo as shown, as the decoded array is
-        array = _decode(image, draft_size, kept_pixels, lease, label, orientation)
     except UnidentifiedImageError as exc:
         raise UnsupportedMedia(f"{label} is not an image Pillow can read ({type(exc).__name__})",
                                code="not_an_image") from None
@@ -150,11 +149,13 @@ def _kept_size(width: int, height: int, draft_size: int | None, kept_pixels: int
     return width, height
 
 
-def _decode(image: Image.Image, draft_size: int | None, kept_pixels: int | None, lease: Lease | None, label: str,
-            orientation) -> np.ndarray:
+def _decode(image: Image.Image, draft_size: int | None, kept_pixels: int | None, lease: Lease | None,
+            label: str) -> tuple[np.ndarray, int | None]:
     """Decode (at a reduced DCT scale for JPEG), reduce to the kept size, orient, convert to RGB, all
     within the bytes reserved from the lease: Pillow's decoded image, one converted full-size copy
-    when the mode cannot be reduced as it is, and the kept copies (reduced, RGB, array)."""
+    when the mode cannot be reduced as it is, and the kept copies (reduced, RGB, array). Returns the
+    array and the EXIF orientation, read once the pixels are (a PNG's EXIF may follow them: Pillow
+    decodes the whole image to find it)."""
     if image.format == "JPEG":
         _draft_within(image, draft_size, kept_pixels, lease.allowance() if lease else None)
         kept = _kept_size(*image.size, None, kept_pixels)
@@ -165,6 +166,7 @@ def _decode(image: Image.Image, draft_size: int | None, kept_pixels: int | None,
     convert = image.mode not in REDUCIBLE_MODES
     with lease.decoding(cost, label) if lease else nullcontext(lambda _: None) as keep:
         image.load()
+        orientation = image.getexif().get(ORIENTATION)
         if convert:
             image = _replace(image, image.convert("RGBA" if "transparency" in image.info or "A" in image.mode
                                                   else "RGB"))
@@ -177,7 +179,7 @@ def _decode(image: Image.Image, draft_size: int | None, kept_pixels: int | None,
             image = image.transpose(ORIENTING[orientation])
         array = np.asarray(image.convert("RGB"))
         keep(array.nbytes)
-    return array
+    return array, orientation
 
 
 def _decode_cost(size: tuple[int, int], mode: str, kept: tuple[int, int]) -> int:
