@@ -120,6 +120,25 @@ def install_error_handlers(app: FastAPI) -> None:
                               headers={"Connection": "close"})
 
 
+def optional_keys_in_schema(app: FastAPI, keys_for_reads: bool) -> None:
+    """State in the OpenAPI schema where a key is optional: /ready's always, the reads' unless the server
+    requires keys for reads (FastAPI marks every operation with a security scheme as needing it)."""
+    optional = {"OptionalKey"} | (set() if keys_for_reads else {"ReadKey"})
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    security = operation.get("security", [])
+                    if any(set(requirement) & optional for requirement in security):
+                        operation["security"] = [{}, *security]
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics()
 
@@ -141,6 +160,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = metrics
     app.state.service = None
     install_error_handlers(app)
+    optional_keys_in_schema(app, settings.require_key_for_reads)
     for router in (identify.router, individuals.router, images.router, health.router):
         app.include_router(router)
     # added last = outermost: metrics see every answer, the 413s of the body limit included

@@ -12,8 +12,14 @@ from service.budget import Lease
 from service.core import Service
 from service.errors import Forbidden, NotReady, Unauthorized
 
-# only for the OpenAPI schema ("Authorize" in /docs): the header is checked below, with clearer errors
-bearer_scheme = HTTPBearer(auto_error=False, description="an API key from `reid keys create`")
+# only for the OpenAPI schema ("Authorize" in /docs): the header is checked below, with clearer errors.
+# Reads name their own scheme, and /ready another, so that the app can state them optional in the
+# schema where they are (service/app.py, optional_keys_in_schema)
+bearer_scheme = HTTPBearer(auto_error=False, scheme_name="ApiKey", description="an API key from `reid keys create`")
+read_scheme = HTTPBearer(auto_error=False, scheme_name="ReadKey",
+                         description="an API key, needed for reads when the server requires keys for reads")
+optional_scheme = HTTPBearer(auto_error=False, scheme_name="OptionalKey",
+                             description="an API key, optional: with one, more details are answered")
 
 
 @dataclass
@@ -53,7 +59,7 @@ async def authenticate(request: Request, service: Service, required: bool) -> Ca
     return Caller(row["id"], row["name"])
 
 
-async def reader(request: Request, service: ServiceDep, _doc=Depends(bearer_scheme)) -> Caller:
+async def reader(request: Request, service: ServiceDep, _doc=Depends(read_scheme)) -> Caller:
     """A key is needed for reads only with require_key_for_reads; a key sent anyway must be valid."""
     return await authenticate(request, service, service.settings.require_key_for_reads)
 

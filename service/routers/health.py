@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import ServiceDep, WriterDep, authenticate, bearer_scheme, get_service
+from service.deps import ServiceDep, WriterDep, authenticate, get_service, optional_scheme, read_scheme
 from service.routers.common import errors
 from service.schemas import MAX_ID, AuditEntry, Health, Ready, ReadyBrief
 
@@ -28,7 +28,7 @@ async def health() -> Health:
 @router.get("/ready", response_model=Ready | ReadyBrief,
             responses={503: {"model": Ready | ReadyBrief}, **errors(401, 403)},
             summary="Readiness: model loaded, database reachable, galleries in step with it")
-async def ready(request: Request, service: ServiceDep, _doc=Depends(bearer_scheme)) -> Response:
+async def ready(request: Request, service: ServiceDep, _doc=Depends(optional_scheme)) -> Response:
     """With `require_key_for_reads`, only the status is answered without a key: the models, paths, species
     and gallery sizes need one."""
     details = (await authenticate(request, service, required=False)).key_id is not None \
@@ -70,7 +70,7 @@ async def ready(request: Request, service: ServiceDep, _doc=Depends(bearer_schem
 
 @router.get("/metrics", response_class=Response, responses=errors(401, 403, 503),
             summary="Prometheus metrics (they need a key with require_key_for_reads)")
-async def metrics(request: Request, _doc=Depends(bearer_scheme)) -> Response:
+async def metrics(request: Request, _doc=Depends(read_scheme)) -> Response:
     service = getattr(request.app.state, "service", None)
     if request.app.state.settings.require_key_for_reads:
         await authenticate(request, await get_service(request), required=True)
