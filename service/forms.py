@@ -1,9 +1,10 @@
-"""Multipart forms whose text fields must be valid in their charset (UTF-8 unless the request says otherwise).
+"""Routes as strict about their query and form text as the models are about their fields.
 
 Starlette decodes a form field that is not valid in its charset as Latin-1, silently: a name sent
 as invalid UTF-8 would be stored as mojibake. The routes of this API parse their forms with
 `StrictMultiPartParser` first (FastAPI then reuses the parsed form), which refuses such a field
-with a 400 that names it.
+with a 400 that names it. And FastAPI ignores query parameters an operation does not take (a
+misspelt `per_pge` would silently list the first page): they are refused with a 422 naming them.
 """
 from __future__ import annotations
 
@@ -47,16 +48,29 @@ async def parse_strict_form(request: Request) -> None:
                        code="invalid_form") from None
 
 
-class StrictFormRoute(APIRoute):
-    """An APIRoute whose multipart text fields are checked against their charset before validation."""
+def query_names(dependant) -> set[str]:
+    """The query parameters an operation takes, its dependencies' included."""
+    return {field.alias for field in dependant.query_params} | {
+        name for dependency in dependant.dependencies for name in query_names(dependency)}
+
+
+class StrictRoute(APIRoute):
+    """An APIRoute that refuses query parameters it does not take, and checks multipart text fields
+    against their charset before validation."""
 
     def get_route_handler(self):
         handler = super().get_route_handler()
-        if not (self.body_field and isinstance(self.body_field.field_info, params.Form)):
-            return handler
+        takes_form = bool(self.body_field and isinstance(self.body_field.field_info, params.Form))
+        known = query_names(self.dependant)
 
         async def strict_handler(request: Request):
-            await parse_strict_form(request)
+            unknown = sorted(set(request.query_params) - known)
+            if unknown:
+                taken = ", ".join(sorted(known)) or "none"
+                raise ApiError(f"unknown query parameter(s) {', '.join(map(repr, unknown))}; this operation takes: "
+                               f"{taken}", code="unknown_parameter", status=422)
+            if takes_form:
+                await parse_strict_form(request)
             return await handler(request)
 
         return strict_handler

@@ -39,6 +39,16 @@ def truncated(data: bytes, keep: float = 0.5) -> bytes:
     return data[: max(16, int(len(data) * keep))]
 
 
+def assert_error(response, status: int, code: str | None = None) -> dict:
+    """The error of an answer that must be `status` with `{"error": {"code": code, "message": ...}}`."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["message"], body
+    if code:
+        assert body["error"]["code"] == code, body
+    return body["error"]
+
+
 def png_with_dimensions(width: int, height: int) -> bytes:
     """A small PNG whose header claims width x height (how a decompression bomb announces itself)."""
     def chunk(kind: bytes, payload: bytes) -> bytes:

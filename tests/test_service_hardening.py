@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.settings import Settings
 from service.protocol import HeaderTimeoutProtocol
-from service.testing import ThreadedServer, encode, noise_image
+from service.testing import ThreadedServer, assert_error, encode, noise_image
 
 MB = 1024 * 1024
 PHOTO = encode(noise_image(0))
@@ -47,15 +47,6 @@ def enroll(client, auth, name, species, photo, expect=201, **data):
                     files=[("images", ("p.jpg", photo, "image/jpeg"))], headers=auth)
     assert r.status_code == expect, r.text
     return r.json()
-
-
-def assert_error(r, status: int, code: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and body["error"]["message"], body
-    if code:
-        assert body["error"]["code"] == code, body
-    return body["error"]
 
 
 def counts(client) -> tuple:
@@ -572,3 +563,10 @@ def test_a_photo_past_the_request_decoding_budget_is_a_413_naming_it_and_jpeg_is
                         files=[("images", ("big.jpg", jpeg, "image/jpeg"))])
         assert r.status_code == 200, r.text  # cut from a bounded decode
         assert metric(client, "wildreid_decode_budget_bytes_in_use") == 0  # handed back after each request
+
+
+def test_query_parameters_an_operation_does_not_take_are_refused(client, auth):
+    error = assert_error(client.get("/v1/individuals", params={"per_pge": 2}), 422, "unknown_parameter")
+    assert "per_pge" in error["message"] and "per_page" in error["message"]
+    assert_error(client.get("/v1/audit", params={"": 0}, headers=auth), 422, "unknown_parameter")
+    assert client.get("/v1/individuals", params={"per_page": 2}).status_code == 200

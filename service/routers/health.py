@@ -9,10 +9,11 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import ServiceDep, WriterDep, authenticate, get_service, optional_scheme, read_scheme
+from service.forms import StrictRoute
 from service.routers.common import errors
 from service.schemas import MAX_ID, AuditEntry, Health, Ready, ReadyBrief
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], route_class=StrictRoute)
 
 try:
     VERSION = version("wildreid")

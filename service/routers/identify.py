@@ -10,11 +10,11 @@ from starlette.concurrency import run_in_threadpool
 
 from service.deps import LeaseDep, ReaderDep, ServiceDep
 from service.errors import InvalidInput
-from service.forms import StrictFormRoute
+from service.forms import StrictRoute
 from service.routers.common import errors
 from service.schemas import Animal, Candidate, IdentifyForm, IdentifyResponse, PhotoOut, Thresholds
 
-router = APIRouter(prefix="/v1", tags=["identify"], route_class=StrictFormRoute)
+router = APIRouter(prefix="/v1", tags=["identify"], route_class=StrictRoute)
 
 
 @router.post("/identify", response_model=IdentifyResponse, responses=errors(400, 401, 403, 404, 409, 413, 415, 422, 503),

@@ -8,13 +8,13 @@ from starlette.concurrency import run_in_threadpool
 
 from service.deps import LeaseDep, ReaderDep, ServiceDep, WriterDep
 from service.errors import InvalidInput
-from service.forms import StrictFormRoute
+from service.forms import StrictRoute
 from service.routers.common import IndividualId, errors, individual, summary
 from service.schemas import (LINE, MAX_ID, OPTIONAL_SPECIES_INPUT, EnrollForm, IndividualOut, IndividualPage,
                              IndividualPatch, MergeRequest, MergeResult, SightingCreated, SightingForm,
                              normalise_species)
 
-router = APIRouter(prefix="/v1/individuals", tags=["individuals"], route_class=StrictFormRoute)
+router = APIRouter(prefix="/v1/individuals", tags=["individuals"], route_class=StrictRoute)
 
 WRITE_ERRORS = errors(400, 401, 403, 404, 409, 413, 415, 422, 503, 507)
 
