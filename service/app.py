@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from reid.errors import ReidError
 from service.core import Service
@@ -25,11 +26,13 @@ from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.routers import health, identify, images, individuals
 from service.routers.health import VERSION
 from service.settings import Settings
+from service.store import disk_full
 
 log = logging.getLogger("wildreid.service")
 
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 406: "not_acceptable",
-              413: "payload_too_large", 415: "unsupported_media_type"}
+              408: "request_timeout", 413: "payload_too_large", 415: "unsupported_media_type"}
 
 DESCRIPTION = """Re-identification of individual animals: enroll photos of known individuals, identify new photos.
 
@@ -51,10 +54,24 @@ def _location(loc) -> str:
     return ".".join(parts) or "request"
 
 
+def unparseable_body_message(content_type: str | None) -> str:
+    if content_type and "json" in content_type.lower():
+        return ("the request body is not usable JSON (malformed, not UTF-8, nested too deeply or holding a number "
+                "too long)")
+    return f"the request body could not be parsed as {content_type or 'a body without a Content-Type'}"
+
+
+def allowed_methods(app: FastAPI, scope) -> list[str]:
+    """Every method some route of this path takes (Starlette's 405 names only those of the first route
+    whose path matches): each method is tried against the app's routes."""
+    return [method for method in METHODS
+            if any(route.matches({**scope, "method": method})[0] is Match.FULL for route in app.router.routes)]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": "1"}}.get(exc.status)
         return error_response(exc.status, exc.code, exc.message, exc.details, headers)
 
     @app.exception_handler(ReidError)
@@ -77,14 +94,20 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException):
         code = HTTP_CODES.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 400 and "parsing the body" in message:
-            message = "the request body is not valid multipart/form-data (or not what this endpoint takes)"
-        return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+            message = unparseable_body_message(request.headers.get("content-type"))
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope))
+        return error_response(exc.status_code, code, message, headers=headers or None)
 
     @app.exception_handler(DBAPIError)
     async def database_error(request: Request, exc: DBAPIError):
         # nothing was committed: every write is one transaction
         log.error("database error on %s %s: %s", request.method, request.url.path, exc.orig)
+        if disk_full(exc):
+            return error_response(507, "disk_full", "the disk of the database is full: nothing was written; free "
+                                                    "disk space and send the request again")
         return error_response(503, "database_unavailable", "the database did not complete the request (busy or "
                                                             "unreachable); nothing was written, try again",
                               headers={"Retry-After": "1"})
@@ -92,7 +115,28 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal error; see the server log")
+        # uvicorn closes the connection after an exception: the client is told, not left to find a reset socket
+        return error_response(500, "internal_error", "internal error; see the server log",
+                              headers={"Connection": "close"})
+
+
+def optional_keys_in_schema(app: FastAPI, keys_for_reads: bool) -> None:
+    """State in the OpenAPI schema where a key is optional: /ready's always, the reads' unless the server
+    requires keys for reads (FastAPI marks every operation with a security scheme as needing it)."""
+    optional = {"OptionalKey"} | (set() if keys_for_reads else {"ReadKey"})
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    security = operation.get("security", [])
+                    if any(set(requirement) & optional for requirement in security):
+                        operation["security"] = [{}, *security]
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -116,10 +160,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = metrics
     app.state.service = None
     install_error_handlers(app)
+    optional_keys_in_schema(app, settings.require_key_for_reads)
     for router in (identify.router, individuals.router, images.router, health.router):
         app.include_router(router)
     # added last = outermost: metrics see every answer, the 413s of the body limit included
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes,
+                       idle_timeout_s=settings.body_idle_timeout_s, deadline_s=settings.body_deadline_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 

@@ -135,4 +135,5 @@ def cmd_serve(args: argparse.Namespace) -> None:
     Store(settings.url, settings.sqlite_synchronous).close()  # schema created once, before the workers start
     os.environ.update(settings.to_env())
     uvicorn.run("service.app:create_app_from_env", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level=args.log_level, timeout_graceful_shutdown=10)
+                workers=args.workers, log_level=args.log_level, timeout_graceful_shutdown=10,
+                http="service.protocol:HeaderTimeoutProtocol")

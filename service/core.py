@@ -18,13 +18,15 @@ from reid.species.detector import detection_rows
 from reid.species.speciesnet import UNKNOWN
 from service.errors import Conflict, InvalidInput, NotFound
 from service.gallery import Galleries
-from service.images import decode_upload, parse_bbox, read_upload, store_file
+from service.budget import Lease, MemoryBudget, return_large_frees_to_the_os
+from service.images import Upload, decode_upload, parse_bbox, read_upload, store_file
 from service.metrics import Metrics
 from service.models import Models, SpeciesRoute
 from service.pipeline import (Animal, Found, View, detected_animals, enrollable, given_animals, parse_detections,
                               plan_bboxes)
 from service.settings import Settings
 from service.store import NewImage, Store
+from service.upkeep import MISSING, FileIntegrity, Periodic, SweepResult, sweep_orphans
 
 log = logging.getLogger("wildreid.service")
 
@@ -41,6 +43,10 @@ class Service:
         self.crops = models.crop_settings
         self.warnings: list[str] = models.uncalibrated()
         self._cache: dict = {"seq": None}
+        self.integrity = FileIntegrity(on_change=metrics.corrupt_files.set)
+        self.decode_budget = MemoryBudget(settings.decode_budget_bytes, settings.request_decode_budget_bytes,
+                                          settings.decode_wait_s, on_change=metrics.decode_bytes.set)
+        self.sweeper = Periodic(self._sweep_periodically, settings.orphan_sweep_interval_s, "wildreid-orphan-sweep")
 
     # ------------------------------------------------------------------ life cycle
     @classmethod
@@ -50,73 +56,96 @@ class Service:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         Image.MAX_IMAGE_PIXELS = settings.max_pixels
+        return_large_frees_to_the_os()  # decoded photos' memory goes back when freed (service/budget.py)
         settings.store_dir.mkdir(parents=True, exist_ok=True)
         models = Models(settings, metrics)
         store = Store(settings.url, settings.sqlite_synchronous)
         galleries = Galleries(store, models.layout, settings.index_kind, settings.ann_threshold)
         service = cls(settings, store, models, galleries, metrics)
-        service.remove_stale_temporary_files()
+        service.sweep_orphans()
         service.reembed_stale()
         galleries.rebuild()
         models.start()
+        service.sweeper.start()
         served = "; ".join(f"{m['species']}: model {m['model']}, thresholds from {m['thresholds']['source']}"
                            for m in models.describe()["models"])
         log.info("wildreid service ready (%s); galleries %s", served, galleries.sizes())
         return service
 
     def close(self) -> None:
+        self.sweeper.stop()
         self.models.close()
         self.store.close()
 
-    def remove_stale_temporary_files(self, older_than_s: float = 600.0) -> int:
-        """Temporary files of image writes cut short by a crash (never referenced by the database)."""
-        import time
+    def sweep_orphans(self) -> SweepResult:
+        """Remove the image files no row names (older than the grace period) and cut-short temporary files."""
+        images_dir = self.settings.images_dir
+        result = sweep_orphans(images_dir, images_dir.name, self.store.referenced_paths, self.settings.orphan_grace_s)
+        self.metrics.orphans_removed.inc(result.orphans)
+        if result.orphans or result.temporary:
+            log.warning("orphan sweep: removed %d image files that no database row names (older than %g s) and %d "
+                        "temporary files of cut-short writes", result.orphans, self.settings.orphan_grace_s,
+                        result.temporary)
+        return result
 
-        removed, cutoff = 0, time.time() - older_than_s
-        for path in self.settings.images_dir.glob("*/.*.tmp"):
-            try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    removed += 1
-            except OSError:
-                pass
-        return removed
+    def _sweep_periodically(self) -> None:
+        try:
+            self.sweep_orphans()
+        except Exception:  # noqa: BLE001 - a failed sweep (database away) is retried at the next interval
+            log.exception("orphan sweep failed")
 
     def reembed_stale(self) -> int:
-        """Embed again, from their stored files and boxes, the images another model (or crop shape) embedded."""
-        done = 0
+        """Embed again, from their stored files and boxes, the images another model (or crop shape) embedded;
+        those whose files are corrupt are skipped (the service starts without them)."""
+        done = skipped = 0
         for species in self.store.all_species():
             model = self.models.model(species)
             if model is None:
                 continue  # kept as they are: searchable again once a model serves the species
             network = model.network
-            while rows := self.store.stale_images(species, network.stamp):
+            after = 0
+            while rows := self.store.stale_images(species, network.stamp, after):
+                after = rows[-1]["id"]
                 vectors = {}
                 for row in rows:
-                    box = parse_bbox(row["bbox"]) if row["bbox"] else None
-                    try:
-                        data = (self.settings.store_dir / row["path"]).read_bytes()
-                        upload = decode_upload(data, 0, row["path"], self.settings.max_pixels,
-                                               self.settings.allowed_formats, self.draft_size(box is not None))
-                    except (OSError, ReidError) as exc:
-                        raise ReidError(f"cannot embed stored image {row['id']} ({row['path']}) with the new model: "
-                                        f"{exc}") from None
-                    array = self.crops.cut(upload.array, box) if box else upload.array
-                    vectors[row["id"]] = network.runner.forward([network.runner.preprocess(array)])[0]
-                self.store.set_embeddings(vectors, network.stamp)
+                    array = self._stored_view(row)
+                    if array is not None:
+                        vectors[row["id"]] = network.runner.forward([network.runner.preprocess(array)])[0]
+                    else:
+                        skipped += 1
+                if vectors:
+                    self.store.set_embeddings(vectors, network.stamp)
                 done += len(vectors)
         if done:
             log.warning("embedded %d stored images again with the current models", done)
+        if skipped:
+            log.warning("%d stored images could not be embedded again (their files are corrupt or missing: see the "
+                        "errors above); they stay out of the gallery until their photos are uploaded again", skipped)
         return done
+
+    def _stored_view(self, row: dict) -> np.ndarray | None:
+        """The model input of a stored image (its file, verified, decoded and cut by its box); None when the
+        file is corrupt, missing or undecodable (logged and recorded as corrupt)."""
+        if self.integrity.check(self.settings.store_dir, row["path"], row["sha256"], row["id"]):
+            return None
+        box = parse_bbox(row["bbox"]) if row["bbox"] else None
+        try:
+            data = (self.settings.store_dir / row["path"]).read_bytes()
+            upload = self.decode(data, 0, row["path"], box is not None)
+        except (OSError, ReidError) as exc:
+            log.error("stored image %d (%s) cannot be embedded again: %s", row["id"], row["path"], exc)
+            return None
+        return self.crops.cut(upload.array, box) if box else upload.array
 
     # ------------------------------------------------------------------ photos to animals
     async def find(self, files: list, bbox_texts: list[str], detection_texts: list[str], multi_animal: bool,
-                   species: str | None) -> Found:
+                   species: str | None, lease: Lease) -> Found:
         """Read and decode a request's photos and find its animals (given boxes, detections, or whole photos).
 
         Their species is `species`, else the store's only one when no classifier is configured (else
         `classify` names it next); animals with a species and a model are preprocessed for it here, in
-        the same thread hop as decoding."""
+        the same thread hop as decoding. The decoded photos' memory is reserved from `lease`, which the
+        request holds until it ends."""
         limit = self.settings.max_images_per_request
         if len(files) > limit:
             raise InvalidInput(f"{len(files)} images in one request; the limit is {limit}", code="too_many_images")
@@ -129,19 +158,21 @@ class Service:
         datas = [await read_upload(f, i, self.settings.max_upload_bytes) for i, f in enumerate(files)]
         names = [f.filename for f in files]
         with self.models.incoming():
-            return await run_in_threadpool(self._find, datas, names, plan, tables, multi_animal, species)
+            return await run_in_threadpool(self._find, datas, names, plan, tables, multi_animal, species, lease)
 
-    def draft_size(self, cropped: bool) -> int | None:
-        """The JPEG decoding scale: reduced (faster) down to twice the largest model input for a photo
-        taken whole; full resolution when boxes will be cut from it, whose pixels the crop needs."""
-        return None if cropped else self.models.draft_size
+    def decode(self, data: bytes, index: int, name: str | None, cropped: bool, lease: Lease | None = None) -> Upload:
+        """A photo decoded as the model needs it: taken whole, reduced (JPEG: decoded at a reduced scale)
+        down to twice the largest model input; cropped, kept at up to max_decoded_pixels, whose pixels
+        the crops are cut from."""
+        settings = self.settings
+        return decode_upload(data, index, name, settings.max_pixels, settings.allowed_formats,
+                             None if cropped else self.models.draft_size, settings.max_decoded_pixels, lease)
 
     def _find(self, datas: list[bytes], names: list, plan: list | None, tables: list | None, multi_animal: bool,
-              species: str | None) -> Found:
+              species: str | None, lease: Lease) -> Found:
         detector, source = self.models.detector, "detections"
         cropped = tables is not None or detector is not None or any(box for a in plan or [] for _, box in a)
-        uploads = [decode_upload(data, i, name, self.settings.max_pixels, self.settings.allowed_formats,
-                                 self.draft_size(cropped)) for i, (data, name) in enumerate(zip(datas, names))]
+        uploads = [self.decode(data, i, name, cropped, lease) for i, (data, name) in enumerate(zip(datas, names))]
         if plan is None and tables is None and detector is not None:
             tables = [detection_rows(str(i), detector.detect(u.array)) for i, u in enumerate(uploads)]
             source = detector.name
@@ -249,12 +280,12 @@ class Service:
             return f"no re-ID model serves species '{animal.species}'"
         return None
 
-    async def embed_individual(self, species: str, files: list, bbox_texts: list[str],
-                               detection_texts: list[str]) -> tuple[Found, list[View], np.ndarray, SpeciesRoute]:
+    async def embed_individual(self, species: str, files: list, bbox_texts: list[str], detection_texts: list[str],
+                               lease: Lease) -> tuple[Found, list[View], np.ndarray, SpeciesRoute]:
         """The photos of one individual to store: each shows it once (404/409/422 otherwise), embedded by
         its species' model."""
         model = self.require_model(species)
-        found = await self.find(files, bbox_texts, detection_texts, multi_animal=False, species=species)
+        found = await self.find(files, bbox_texts, detection_texts, multi_animal=False, species=species, lease=lease)
         views = [view for animal in found.animals for view in animal.views]
         return found, views, await self.embed(model, views), model
 
@@ -294,6 +325,7 @@ class Service:
         for view, vector in zip(views, vectors):
             upload = found.uploads[view.image]
             path = store_file(self.settings.store_dir, upload)
+            self.integrity.intact(path)  # verified or written afresh
             out.append(NewImage(upload.sha256, path, upload.media_type, upload.width, upload.height,
                                 len(upload.data), vector, upload.filename,
                                 ",".join(f"{v:.6g}" for v in view.box) if view.box else None))
@@ -321,7 +353,11 @@ class Service:
         self.galleries.sync()
 
     def image_path(self, image: dict) -> Path:
-        path = (self.settings.store_dir / image["path"]).resolve()
-        if not path.is_file():
-            raise NotFound(f"the file of image {image['id']} is missing from the store", code="image_file_missing")
-        return path
+        """The stored file of an image, checked against its SHA-256 (404 when it is missing or changed)."""
+        problem = self.integrity.check(self.settings.store_dir, image["path"], image["sha256"], image["id"])
+        if problem is not None:
+            missing = problem == MISSING
+            raise NotFound(f"the file of image {image['id']} is {'missing from' if missing else 'corrupt in'} the "
+                           f"store ({problem}); upload the photo again to restore it",
+                           code="image_file_missing" if missing else "image_file_corrupt")
+        return (self.settings.store_dir / image["path"]).resolve()

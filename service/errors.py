@@ -52,3 +52,12 @@ class Forbidden(ApiError):
 
 class NotReady(ApiError):
     status, code = 503, "not_ready"
+
+
+class InsufficientStorage(ApiError):
+    """The disk under the image files or the database is full: nothing of the request was kept."""
+    status, code = 507, "disk_full"
+
+
+class StorageUnavailable(ApiError):
+    status, code = 503, "storage_unavailable"

@@ -29,6 +29,14 @@ class Metrics:
                                     ["species"], registry=self.registry)
         self.change_seq = Gauge("wildreid_change_seq", "database change sequence applied to the galleries",
                                 registry=self.registry)
+        self.corrupt_files = Gauge("wildreid_corrupt_image_files", "stored image files found corrupt or missing "
+                                   "(served or embedded again), until the photo is uploaded again",
+                                   registry=self.registry)
+        self.orphans_removed = Counter("wildreid_orphan_files_removed_total", "image files no database row names, "
+                                       "removed by the orphan sweep", registry=self.registry)
+        self.decode_bytes = Gauge("wildreid_decode_budget_bytes_in_use", "bytes of the decoding memory budget "
+                                  "reserved by decoding photos and the requests that keep them",
+                                  registry=self.registry)
         self.started = Gauge("wildreid_start_time_seconds", "when the app started (unix time)",
                              registry=self.registry)
         self.started.set(time.time())

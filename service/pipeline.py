@@ -71,13 +71,23 @@ def parse_detections(texts: list[str], n_images: int) -> list | None:
     for index, text in enumerate(texts):
         at = Position(f"detections[{index}]")
         try:
-            tables.append(image_detections(json.loads(text), str(index), at))
-        except json.JSONDecodeError as exc:
-            raise InvalidInput(f"detections[{index}] is not valid JSON ({exc.msg} at column {exc.colno})",
-                               code="invalid_detections") from None
+            tables.append(image_detections(_load_json(text, f"detections[{index}]"), str(index), at))
         except DataError as exc:
             raise InvalidInput(str(exc), code="invalid_detections") from None
     return tables
+
+
+def _load_json(text: str, what: str):
+    """JSON a client sent, or a DataError that says why not: malformed, nested deeper than the parser
+    recurses, or a number of more digits than Python converts (all of them plain client errors)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{what} is not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise DataError(f"{what} is nested too deeply to be MegaDetector detections") from None
+    except ValueError as exc:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise DataError(f"{what} is not usable JSON ({exc})") from None
 
 
 def plan_bboxes(texts: list[str], n_images: int, multi_animal: bool) -> list[list[tuple[int, Box | None]]]:

@@ -8,6 +8,16 @@ from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SPECIES_PATTERN = re.compile(r"^[a-z0-9][a-z0-9 _.\-]{0,99}$")
+# what a species field may hold as sent (stated in the OpenAPI schema): case and spaces are normalised away
+SPECIES_INPUT = r"^[ \t]*[A-Za-z0-9][A-Za-z0-9 \t_.\-]*$"
+OPTIONAL_SPECIES_INPUT = r"^[ \t]*([A-Za-z0-9][A-Za-z0-9 \t_.\-]*)?$"  # blank: not given
+# text of one line (names, places, times): no control characters, NUL included (PostgreSQL refuses it)
+LINE = r"^[^\x00-\x1f\x7f]*$"
+# a name: one line with at least one character that is not a space
+NAME = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+# free text (notes): line breaks and tabs, no other control character
+TEXT = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
+MAX_ID = 2**31 - 1  # ids are 32-bit integers in PostgreSQL (and offsets are bounded alike)
 
 
 def normalise_species(value: str | None) -> str | None:
@@ -41,13 +51,22 @@ class Strict(BaseModel):
 
 
 # ---------------------------------------------------------------------- requests (multipart forms)
+# the photos of a request (at least one); their size and number are checked as they are read
+Images = Annotated[list[UploadFile], Field(min_length=1)]
+Notes = Annotated[str, Field(max_length=10_000, pattern=TEXT)]
+ObservedAt = Annotated[str | None, Field(max_length=64, pattern=LINE, description="when the photos were taken "
+                                                                               "(free text, ISO 8601 advised)")]
+Location = Annotated[str | None, Field(max_length=200, pattern=LINE)]
+
+
 class IdentifyForm(Strict):
     """`images`: one or more photos of one encounter (fused into one query)."""
-    images: list[UploadFile] = Field(description="photos of one encounter (one animal, or one per bbox when a "
-                                                 "single photo has several bboxes)")
-    species: str | None = Field(None, description="species gallery to search; required when the store holds "
-                                                  "more than one species")
-    top_k: int | None = Field(None, ge=1, description="candidate individuals to return")
+    images: Images = Field(description="photos of one encounter (one animal, or one per bbox when a single photo "
+                                       "has several bboxes)")
+    species: str | None = Field(None, max_length=100, pattern=OPTIONAL_SPECIES_INPUT,
+                                description="species gallery to search; required when the store holds more than "
+                                            "one species")
+    top_k: int | None = Field(None, ge=1, le=MAX_ID, description="candidate individuals to return")
     bbox: list[str] = Field(default_factory=list, description="x,y,w,h normalised to 0..1: one for every photo, "
                                                               "one per photo, or several for a single photo")
     detections: Detections = []
@@ -59,13 +78,12 @@ class IdentifyForm(Strict):
 
 
 class EnrollForm(Strict):
-    name: str = Field(min_length=1, max_length=200)
-    species: str = Field(min_length=1, max_length=100)
-    images: list[UploadFile]
-    notes: str = Field("", max_length=10_000)
-    observed_at: str | None = Field(None, max_length=64, description="when the photos were taken (free text, "
-                                                                     "ISO 8601 advised)")
-    location: str | None = Field(None, max_length=200)
+    name: str = Field(min_length=1, max_length=200, pattern=NAME)
+    species: str = Field(min_length=1, max_length=100, pattern=SPECIES_INPUT)
+    images: Images
+    notes: Notes = ""
+    observed_at: ObservedAt = None
+    location: Location = None
     bbox: list[str] = Field(default_factory=list, description="x,y,w,h normalised: one for every photo or one per "
                                                               "photo (default: the detector's box, else the whole image)")
     detections: Detections = []
@@ -78,29 +96,30 @@ class EnrollForm(Strict):
     @field_validator("species")
     @classmethod
     def check_species(cls, value: str) -> str:
-        species = normalise_species(value)
-        if species is None:
-            raise ValueError("must not be empty")
-        return species
+        return normalise_species(value)
 
 
 class SightingForm(Strict):
-    images: list[UploadFile]
-    notes: str = Field("", max_length=10_000)
-    observed_at: str | None = Field(None, max_length=64)
-    location: str | None = Field(None, max_length=200)
+    images: Images
+    notes: Notes = ""
+    observed_at: ObservedAt = None
+    location: Location = None
     bbox: list[str] = Field(default_factory=list)
     detections: Detections = []
 
 
 # ---------------------------------------------------------------------- requests (JSON)
 class IndividualPatch(Strict):
-    name: str | None = Field(None, min_length=1, max_length=200)
-    notes: str | None = Field(None, max_length=10_000)
+    """At least one of `name`, `notes` (neither may be null)."""
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
+
+    # typed str with a default of None: the schema (and the validation) refuse null, and an absent field is None
+    name: str = Field(None, min_length=1, max_length=200, pattern=NAME)
+    notes: str = Field(None, max_length=10_000, pattern=TEXT)
 
     @field_validator("name")
     @classmethod
-    def check_name(cls, value: str | None) -> str | None:
+    def check_name(cls, value: str) -> str:
         return _name(value)
 
     @model_validator(mode="after")
@@ -111,7 +130,9 @@ class IndividualPatch(Strict):
 
 
 class MergeRequest(Strict):
-    source_id: int = Field(description="the individual merged into this one (it becomes an alias)")
+    # strict: JSON true is not individual 1, nor "1" or 1.0 an id
+    source_id: int = Field(ge=1, le=MAX_ID, strict=True,
+                           description="the individual merged into this one (it becomes an alias)")
 
 
 # ---------------------------------------------------------------------- responses
@@ -281,6 +302,13 @@ class ModelOut(BaseModel):
     thresholds: Thresholds
 
 
+class ReadyBrief(BaseModel):
+    """Readiness without its details (require_key_for_reads, no key sent)."""
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["ready", "not ready"]
+
+
 class Ready(BaseModel):
     status: Literal["ready", "not ready"]
     models: list[ModelOut]
@@ -290,6 +318,8 @@ class Ready(BaseModel):
     change_seq: int
     galleries: dict[str, int]
     foreign_images: int = Field(description="images embedded by another model, not searchable by this one")
+    corrupt_files: int = Field(0, description="stored image files found corrupt or missing (served or embedded "
+                                              "again): upload those photos again to replace them")
     warnings: list[str]
 
 

@@ -35,8 +35,26 @@ class Settings(BaseModel):
     # upload limits
     max_upload_bytes: int = Field(20 * MB, ge=1, description="largest single uploaded file")
     max_request_bytes: int = Field(64 * MB, ge=1, description="largest request body (refused before it is read)")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must be complete this long after "
+                                                           "the connection opens or the request begins (else 408)")
+    body_idle_timeout_s: float = Field(30.0, gt=0, description="longest wait for the next part of a request body "
+                                                              "(else 408)")
+    body_deadline_s: float = Field(600.0, gt=0, description="a request body must be complete this long after the "
+                                                           "request begins (else 408)")
     max_pixels: int = Field(50_000_000, ge=1, description="largest width x height of an upload (decompression bombs)")
     max_images_per_request: int = Field(10, ge=1)
+    # decoding memory (service/budget.py): 32 clients sending 10 bomb-sized PNGs each stay within about
+    # decode_budget_bytes above idle, and a photo too large for these is a 413 that names the limit
+    decode_budget_bytes: int = Field(1024 * MB, ge=MB, description="memory that all decoding photos together may "
+                                                                  "take; decodes past it wait for room")
+    request_decode_budget_bytes: int = Field(768 * MB, ge=MB, description="memory that one request's photos may "
+                                                                         "take decoded (each photo's decode and "
+                                                                         "what the request keeps of them)")
+    decode_wait_s: float = Field(120.0, gt=0, description="longest wait for room in decode_budget_bytes (then 503)")
+    max_decoded_pixels: int = Field(12_000_000, ge=1, description="photos that boxes are cut from are kept at no "
+                                                                 "more pixels (decoded at a reduced scale, or "
+                                                                 "reduced); photos taken whole, at twice the "
+                                                                 "model's input size")
     allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
 
     # identification
@@ -73,6 +91,11 @@ class Settings(BaseModel):
     # storage
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
     page_size_max: int = Field(200, ge=1)
+    orphan_grace_s: float = Field(3600.0, ge=0, description="image files that no database row names are removed "
+                                                           "once this old (longer than any request takes between "
+                                                           "storing a photo and committing its row)")
+    orphan_sweep_interval_s: float = Field(3600.0, ge=0, description="seconds between sweeps of orphan files "
+                                                                    "(one runs at start; 0: only then)")
 
     @field_validator("store_dir", "checkpoint", "routes", "detector", "species_classifier")
     @classmethod
@@ -85,6 +108,8 @@ class Settings(BaseModel):
             raise ValueError(f"new_threshold {self.new_threshold} is above match_threshold {self.match_threshold}")
         if self.default_top_k > self.max_top_k:
             raise ValueError("default_top_k is above max_top_k")
+        if self.request_decode_budget_bytes > self.decode_budget_bytes:
+            raise ValueError("request_decode_budget_bytes is above decode_budget_bytes")
         self.crop_settings()  # thresholds in 0..1
         return self
 

@@ -172,6 +172,19 @@ class Tx:
     now: str
 
 
+SQLITE_FULL = 13  # "database or disk is full"
+POSTGRES_DISK_FULL = "53100"
+
+
+def disk_full(exc: DBAPIError) -> bool:
+    """Whether a database error says its disk (or SQLite's page limit) is full."""
+    orig = exc.orig
+    code = getattr(orig, "sqlite_errorcode", None)  # Python >= 3.11; the message says it on 3.10
+    if (code is not None and code & 0xFF == SQLITE_FULL) or getattr(orig, "sqlstate", None) == POSTGRES_DISK_FULL:
+        return True
+    return "database or disk is full" in str(orig)
+
+
 def normalise_url(url: str) -> str:
     """PostgreSQL URLs without a driver use psycopg (3), the driver this project installs."""
     for prefix in ("postgresql://", "postgres://"):
@@ -579,13 +592,25 @@ class Store:
             }
 
     # ------------------------------------------------------------------ model upkeep
-    def stale_images(self, species: str, model: str, limit: int = 256) -> list[dict]:
-        """Images of a species whose stored embedding came from another model (to be embedded again)."""
+    def stale_images(self, species: str, model: str, after_id: int = 0, limit: int = 256) -> list[dict]:
+        """Images of a species whose stored embedding came from another model (to be embedded again),
+        by id from `after_id` on."""
         with self.read() as conn:
             return [dict(r._mapping) for r in conn.execute(
-                select(images.c.id, images.c.path, images.c.bbox)
-                .where(images.c.species == species, images.c.embedding_model != model)
+                select(images.c.id, images.c.path, images.c.bbox, images.c.sha256)
+                .where(images.c.species == species, images.c.embedding_model != model, images.c.id > after_id)
                 .order_by(images.c.id).limit(limit))]
+
+    def referenced_paths(self, paths: list[str]) -> set[str]:
+        """Those of these store-relative file paths that some image row names."""
+        if not paths:
+            return set()
+        # files are named by their SHA-256: looked up by the indexed hash, then matched by path
+        digests = sorted({Path(p).name.split(".", 1)[0] for p in paths})
+        wanted = set(paths)
+        with self.read() as conn:
+            return {r.path for r in conn.execute(select(images.c.path).where(images.c.sha256.in_(digests))
+                                                 .distinct()) if r.path in wanted}
 
     def set_embeddings(self, vectors: dict[int, np.ndarray], model: str) -> None:
         with self.write() as tx:

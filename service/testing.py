@@ -39,6 +39,16 @@ def truncated(data: bytes, keep: float = 0.5) -> bytes:
     return data[: max(16, int(len(data) * keep))]
 
 
+def assert_error(response, status: int, code: str | None = None) -> dict:
+    """The error of an answer that must be `status` with `{"error": {"code": code, "message": ...}}`."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["message"], body
+    if code:
+        assert body["error"]["code"] == code, body
+    return body["error"]
+
+
 def png_with_dimensions(width: int, height: int) -> bytes:
     """A small PNG whose header claims width x height (how a decompression bomb announces itself)."""
     def chunk(kind: bytes, payload: bytes) -> bytes:
@@ -101,3 +111,33 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class ThreadedServer:
+    """An app served by uvicorn in a thread of this process (for tests that need real HTTP/1.1
+    connections but also the app's objects, e.g. to inject a fault)."""
+
+    def __init__(self, app, **config):
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    **config))
+        self.thread = None
+
+    def __enter__(self) -> "ThreadedServer":
+        import threading
+
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the threaded server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-from service.testing import encode, noise_image, png_with_dimensions, truncated
+from service.testing import assert_error, encode, noise_image, png_with_dimensions, truncated
 
 MB = 1024 * 1024
 
@@ -71,15 +71,6 @@ def identify(client, species, *blobs, **data):
 
 def top(result, animal=0):
     return result["animals"][animal]["candidates"][0]
-
-
-def assert_error(r, status: int, code: str | None = None):
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and body["error"]["message"], body
-    if code:
-        assert body["error"]["code"] == code, body
-    return body["error"]
 
 
 def gallery_matches_database(service) -> None:

@@ -369,9 +369,9 @@ class StoreGalleries:
             box = parse_bbox(image["bbox"]) if image["bbox"] else None
             try:
                 data = (self.settings.store_dir / image["path"]).read_bytes()
-                # a box is cut from the full-resolution photo, as the service cuts it
+                # a box is cut from the photo kept at up to max_decoded_pixels, as the service cuts it
                 upload = decode_upload(data, 0, image["path"], self.settings.max_pixels, self.settings.allowed_formats,
-                                       None if box else 2 * embedder.image_size)
+                                       None if box else 2 * embedder.image_size, self.settings.max_decoded_pixels)
             except (OSError, ReidError) as exc:
                 raise ReidError(f"cannot embed stored image {row.image_id} ({image['path']}) with this model: "
                                 f"{exc}") from None

@@ -5,9 +5,7 @@ from typing import Annotated
 
 from fastapi import Path
 
-from service.schemas import ErrorBody, ImageBrief, IndividualOut, IndividualSummary, SightingOut
-
-MAX_ID = 2**31 - 1  # ids are 32-bit integers in PostgreSQL: larger ones are simply not found
+from service.schemas import MAX_ID, ErrorBody, ImageBrief, IndividualOut, IndividualSummary, SightingOut
 
 IndividualId = Annotated[int, Path(ge=1, le=MAX_ID, description="individual id")]
 ImageId = Annotated[int, Path(ge=1, le=MAX_ID, description="image id")]
@@ -16,7 +14,9 @@ ImageId = Annotated[int, Path(ge=1, le=MAX_ID, description="image id")]
 def errors(*statuses: int) -> dict:
     descriptions = {400: "malformed request", 401: "missing or unknown API key", 403: "revoked API key",
                     404: "not found", 409: "conflicts with the current state", 413: "upload too large",
-                    415: "not an accepted image format", 422: "invalid input", 503: "not ready"}
+                    415: "not an accepted image format", 422: "invalid input",
+                    503: "not ready, or the database or image store did not answer (nothing was written)",
+                    507: "the disk of the image store or database is full (nothing was written)"}
     return {status: {"model": ErrorBody, "description": descriptions.get(status, "error")} for status in statuses}
 
 

@@ -8,17 +8,18 @@ from fastapi import APIRouter, Form
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import ReaderDep, ServiceDep
+from service.deps import LeaseDep, ReaderDep, ServiceDep
 from service.errors import InvalidInput
+from service.forms import StrictRoute
 from service.routers.common import errors
 from service.schemas import Animal, Candidate, IdentifyForm, IdentifyResponse, PhotoOut, Thresholds
 
-router = APIRouter(prefix="/v1", tags=["identify"])
+router = APIRouter(prefix="/v1", tags=["identify"], route_class=StrictRoute)
 
 
-@router.post("/identify", response_model=IdentifyResponse, responses=errors(400, 401, 403, 404, 409, 413, 415, 422),
+@router.post("/identify", response_model=IdentifyResponse, responses=errors(400, 401, 403, 404, 409, 413, 415, 422, 503),
              summary="Identify the animals in one encounter's photos")
-async def identify(service: ServiceDep, caller: ReaderDep,
+async def identify(service: ServiceDep, caller: ReaderDep, lease: LeaseDep,
                    form: Annotated[IdentifyForm, Form(media_type="multipart/form-data")]) -> JSONResponse:
     """The animals are the request's `bbox` boxes or `detections` (MegaDetector's), else those the service's
     detector finds, else each photo whole. When no photo shows more than one animal, the photos are one
@@ -32,7 +33,8 @@ async def identify(service: ServiceDep, caller: ReaderDep,
         raise InvalidInput(f"top_k is {top_k}; the most is {settings.max_top_k}", code="top_k_too_large")
     if form.species is not None:
         await service.require_known_species(form.species)
-    found = await service.find(form.images, form.bbox, form.detections, multi_animal=True, species=form.species)
+    found = await service.find(form.images, form.bbox, form.detections, multi_animal=True, species=form.species,
+                               lease=lease)
     await service.classify(found)
     models = [service.identifiable(animal) for animal in found.animals]
     searched = [(animal, model) for animal, model in zip(found.animals, models) if model is not None]

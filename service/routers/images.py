@@ -6,10 +6,11 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import ReaderDep, ServiceDep
+from service.forms import StrictRoute
 from service.routers.common import ImageId, errors, file_url
 from service.schemas import ImageOut
 
-router = APIRouter(prefix="/v1/images", tags=["images"])
+router = APIRouter(prefix="/v1/images", tags=["images"], route_class=StrictRoute)
 
 
 @router.get("/{image_id}", response_model=ImageOut, responses=errors(401, 403, 404, 422),

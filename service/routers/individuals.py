@@ -6,23 +6,25 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Query
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import ReaderDep, ServiceDep, WriterDep
+from service.deps import LeaseDep, ReaderDep, ServiceDep, WriterDep
 from service.errors import InvalidInput
+from service.forms import StrictRoute
 from service.routers.common import IndividualId, errors, individual, summary
-from service.schemas import (EnrollForm, IndividualOut, IndividualPage, IndividualPatch, MergeRequest, MergeResult,
-                             SightingCreated, SightingForm, normalise_species)
+from service.schemas import (LINE, MAX_ID, OPTIONAL_SPECIES_INPUT, EnrollForm, IndividualOut, IndividualPage,
+                             IndividualPatch, MergeRequest, MergeResult, SightingCreated, SightingForm,
+                             normalise_species)
 
-router = APIRouter(prefix="/v1/individuals", tags=["individuals"])
+router = APIRouter(prefix="/v1/individuals", tags=["individuals"], route_class=StrictRoute)
 
-WRITE_ERRORS = errors(400, 401, 403, 404, 409, 413, 415, 422)
+WRITE_ERRORS = errors(400, 401, 403, 404, 409, 413, 415, 422, 503, 507)
 
 
 @router.post("", status_code=201, response_model=IndividualOut, responses=WRITE_ERRORS,
              summary="Enroll a new individual with its first photos")
-async def create_individual(service: ServiceDep, caller: WriterDep,
+async def create_individual(service: ServiceDep, caller: WriterDep, lease: LeaseDep,
                             form: Annotated[EnrollForm, Form(media_type="multipart/form-data")]) -> IndividualOut:
     found, views, vectors, model = await service.embed_individual(form.species, form.images, form.bbox,
-                                                                  form.detections)
+                                                                  form.detections, lease)
     result = await run_in_threadpool(service.enroll, form.name, form.species, found, views, vectors, model,
                                      caller.key_name, form.notes, form.observed_at, form.location)
     return individual(await run_in_threadpool(service.store.get_individual, result["individual_id"]))
@@ -31,19 +33,17 @@ async def create_individual(service: ServiceDep, caller: WriterDep,
 @router.get("", response_model=IndividualPage, responses=errors(401, 403, 422),
             summary="List individuals (paged; filter by species and by name or alias)")
 async def list_individuals(service: ServiceDep, caller: ReaderDep,
-                           species: Annotated[str | None, Query(max_length=100)] = None,
-                           name: Annotated[str | None, Query(max_length=200,
+                           species: Annotated[str | None, Query(max_length=100,
+                                                                pattern=OPTIONAL_SPECIES_INPUT)] = None,
+                           name: Annotated[str | None, Query(max_length=200, pattern=LINE,
                                                              description="case-insensitive part of a name or alias")] = None,
                            page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
-                           per_page: Annotated[int, Query(ge=1)] = 50,
+                           per_page: Annotated[int, Query(ge=1, le=MAX_ID)] = 50,
                            include_deleted: bool = False) -> IndividualPage:
     if per_page > service.settings.page_size_max:
         raise InvalidInput(f"per_page is {per_page}; the most is {service.settings.page_size_max}",
                            code="page_too_large")
-    try:
-        species = normalise_species(species)
-    except ValueError as exc:
-        raise InvalidInput(str(exc), code="invalid_species") from None
+    species = normalise_species(species)  # the pattern above let through only what this accepts
     total, rows = await run_in_threadpool(service.store.list_individuals, species, name, page, per_page,
                                           include_deleted)
     return IndividualPage(items=[summary(r) for r in rows], total=total, page=page, per_page=per_page)
@@ -93,11 +93,11 @@ async def _set_deleted(service, individual_id: int, deleted: bool, caller) -> In
 
 @router.post("/{individual_id}/images", status_code=201, response_model=SightingCreated, responses=WRITE_ERRORS,
              summary="Add a sighting (photos) of a known individual")
-async def add_sighting(individual_id: IndividualId, service: ServiceDep, caller: WriterDep,
+async def add_sighting(individual_id: IndividualId, service: ServiceDep, caller: WriterDep, lease: LeaseDep,
                        form: Annotated[SightingForm, Form(media_type="multipart/form-data")]) -> SightingCreated:
     row = await run_in_threadpool(service.store.require_live, individual_id, "add images to")  # 404 / 409 first
     found, views, vectors, model = await service.embed_individual(row["species"], form.images, form.bbox,
-                                                                  form.detections)
+                                                                  form.detections, lease)
     result = await run_in_threadpool(service.add_sighting, individual_id, found, views, vectors, model,
                                      caller.key_name, form.notes, form.observed_at, form.location)
     return SightingCreated(sighting_id=result["sighting_id"], image_ids=result["image_ids"],
