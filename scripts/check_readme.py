@@ -95,7 +95,8 @@ def shape(line: str) -> str:
     line = re.sub(r"wr_[A-Za-z0-9_-]{16,}", "KEY", line.rstrip())
     line = re.sub(r"(?<![\w.])/(?:[\w.~-]+/)+", "/.../", line)
     line = re.sub(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{8,}\b", "HEX", line)
-    return re.sub(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?", "0", line)
+    line = re.sub(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?", "0", line)
+    return re.sub(r"(?<=\S) {2,}(?=\S)", " ", line)  # padding that moves with the numbers' widths
 
 
 def numbers(line: str) -> list[str]:
@@ -187,7 +188,7 @@ def console_script(commands: list[tuple[list[str], list[str]]], ports: dict[str,
             if port:
                 out.append(f"for _ in $(seq 1200); do curl -s -o /dev/null http://127.0.0.1:{port.group(1)}/health "
                            f"&& break; kill -0 $! 2>/dev/null || break; sleep 0.25; done")
-            out.append(f"cat {log}")
+            out.append(f"grep -v '\"GET /health ' {log} || true")  # the probe above is not the README's
         else:
             out.append(command)
     return "\n".join(out) + "\n"

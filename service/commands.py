@@ -156,7 +156,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings.store_dir.mkdir(parents=True, exist_ok=True)
     store = Store(settings.url, settings.sqlite_synchronous)  # schema created once, before the workers start
     try:
-        warning = empty_store_warning(store, settings.store_dir, new)
+        warning = empty_store_warning(store, args.store, new)
     finally:
         store.close()
     if warning:
