@@ -211,9 +211,23 @@ def cmd_train_species(args: argparse.Namespace) -> None:
     from reid.species import species_table, train_species_classifier
 
     cfg = load_config(args.config, args.overrides)
+    epochs, kept = cfg["train"]["epochs"], {}
+
+    def report(row: dict, is_kept: bool) -> None:
+        if is_kept:
+            kept.update(row)
+        print(f"epoch {row['epoch']}/{epochs}: train accuracy {row['train_accuracy']:.3f}, "
+              f"{_val_accuracy(row)}{' (kept)' if is_kept else ''}", flush=True)
+
     checkpoint = train_species_classifier(cfg, species_table(args.data, args.images), args.out, args.val_fraction,
-                                          args.threshold, progress=not args.no_progress)
+                                          args.threshold, progress=not args.no_progress, on_epoch=report)
+    if kept:
+        print(f"best epoch {kept['epoch']}: {_val_accuracy(kept)} ({kept['val_images']} validation crops)")
     print(f"checkpoint: {checkpoint}")
+
+
+def _val_accuracy(row: dict) -> str:
+    return "no validation split" if row["val_accuracy"] is None else f"validation accuracy {row['val_accuracy']:.3f}"
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -317,12 +331,10 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    import json
-
     from reid.data.table import load_table
     from reid.embedding import cached_embeddings
     from reid.evaluation.evaluate import evaluate
-    from reid.io import write_json
+    from reid.io import to_json, write_json
 
     queries = load_table(args.data, root=args.root)
     gallery = load_table(args.gallery, root=args.root) if args.gallery else queries
@@ -339,30 +351,27 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     metrics.update(checkpoint=str(args.checkpoint), tta=embedder.tta, model=embedder.fingerprint)
     write_json(args.out, metrics)
     report = Path(args.out).with_suffix(".png")
-    _write_report(report, queries, gallery, results, metrics, options.describe())
-    print(json.dumps({k: metrics[k] for k in ("mAP", "identity_balanced_mAP", "top1", "top5", "mINP", "pair_auc")}))
+    _write_report(report, queries, gallery, results, metrics, options)
+    print(to_json({k: metrics[k] for k in ("mAP", "identity_balanced_mAP", "top1", "top5", "mINP", "pair_auc")}))
     print(f"metrics: {args.out}\nreport: {report}")
 
 
-def _write_report(path: Path, queries, gallery, results, metrics: dict, rerank: str) -> None:
-    """The CMC curve and rank lists of a few queries: the first misses, then the first hits."""
-    import numpy as np
+def _write_report(path: Path, queries, gallery, results, metrics: dict, options) -> None:
+    """The CMC curve and the rank lists of the most telling queries (misses and hits of several individuals)."""
+    from reid.evaluation.report import pick_examples, write_report
 
-    from reid.evaluation.report import write_report
-
-    known = np.flatnonzero(results.known)
-    chosen = [*[i for i in known if not results.top_correct[i]][:3], *[i for i in known if results.top_correct[i]][:3]]
+    # k-reciprocal ranks by a distance (its scores are that distance negated): show the distance itself
+    sign, score_name = (-1, "k-reciprocal re-ranked distance (lower: closer)") if options.k_reciprocal else \
+        (1, "cosine similarity (higher: closer)")
     examples = []
-    for i in chosen:
-        hits = _top_gallery(results, i)
+    for i in pick_examples(results.top_scores, results.top_correct, results.known, queries["identity"].to_numpy()):
+        top = zip(results.top_lists[i], results.top_list_scores[i])
         examples.append({"query_path": queries["path"].iloc[i], "query_identity": queries["identity"].iloc[i],
-                         "gallery": [(gallery["path"].iloc[j], gallery["identity"].iloc[j], s) for j, s in hits]})
+                         "gallery": [(gallery["path"].iloc[j], gallery["identity"].iloc[j], sign * float(s))
+                                     for j, s in top]})
     write_report(path, results.ranks, examples,
-                 f"mAP {metrics['mAP']:.3f}, top-1 {metrics['top1']:.3f} (re-ranking: {rerank})")
-
-
-def _top_gallery(results, query: int) -> list[tuple[int, float]]:
-    return [(int(j), float(s)) for j, s in zip(results.top_lists[query], results.top_list_scores[query])]
+                 f"mAP {metrics['mAP']:.3f}, top-1 {metrics['top1']:.3f} (re-ranking: {options.describe()})",
+                 score_name=score_name)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
@@ -376,8 +385,11 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         print(f"{row['tta']:<6} {row['describe']:<44}{row['mAP']:>9.4f}{row['top1']:>8.4f}{mark}")
     print(f"post-processing: TTA {post['tta']}, re-ranking {post['describe']} (out-of-fold mAP "
           f"{post['baseline_mAP']:.4f} -> {post['oof_mAP']:.4f}; the rule: {post['rule']})")
+    photos, queries = thresholds["new_queries"], thresholds["queries"]
     print(f"match threshold {thresholds['match_threshold']:.4f}, new-individual threshold "
-          f"{thresholds['new_threshold']:.4f} (precision {args.precision}, {thresholds['queries']} queries)")
+          f"{thresholds['new_threshold']:.4f} (precision {args.precision})")
+    print(f"{queries} queries from {photos} photos: {queries - photos} as known individuals (the photos with another "
+          f"encounter of their individual) and all {photos} again as new ones, their individual hidden")
     for path in checkpoints:
         print(f"stored in {path}")
 

@@ -88,8 +88,11 @@ DEFAULTS: dict[str, Any] = {
 
 
 def _lookup_error(path: str, options: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(path.split(".")[-1], options, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys here: {', '.join(sorted(options))}"
+    section, _, key = path.rpartition(".")
+    close = difflib.get_close_matches(key, options, n=1)
+    prefix = f"{section}." if section else ""
+    hint = (f"; did you mean '{prefix}{close[0]}'?" if close
+            else f"; known keys here: {', '.join(prefix + o for o in sorted(options))}")
     return ConfigError(f"unknown config key '{path}'{hint}")
 
 

@@ -13,6 +13,7 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -154,8 +155,10 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.service = None
             await run_in_threadpool(service.close)
 
-    app = FastAPI(title="wildreid", version=VERSION, description=DESCRIPTION, lifespan=lifespan,
-                  docs_url="/docs", redoc_url="/redoc", openapi_url="/openapi.json")
+    # Swagger UI and ReDoc from the fastapi-offline package's own copies, not a CDN: the docs pages work on an
+    # offline field laptop or an air-gapped server
+    app = FastAPIOffline(title="wildreid", version=VERSION, description=DESCRIPTION, lifespan=lifespan,
+                         docs_url="/docs", redoc_url="/redoc", openapi_url="/openapi.json", static_url="/docs-assets")
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = None

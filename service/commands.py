@@ -71,10 +71,19 @@ def _settings(args: argparse.Namespace):
     return build_settings(**{k: v for k, v in values.items() if v is not None})
 
 
+def _is_new_store(settings) -> bool:
+    """A SQLite store whose database file is not there yet (a new folder, or a mistyped --store)."""
+    return settings.database_url is None and not (settings.store_dir / "wildreid.db").is_file()
+
+
 def _store(args: argparse.Namespace):
+    """The store of --store; only `keys create` starts a new one: listing or revoking reads what is there."""
     from service.store import Store
 
     settings = _settings(args)
+    if args.keys_command != "create" and _is_new_store(settings):
+        raise ReidError(f"no store at '{args.store}' (it has no wildreid.db): check --store; "
+                        "`reid keys create --store DIR --name NAME` starts a new store")
     settings.store_dir.mkdir(parents=True, exist_ok=True)
     return Store(settings.url, settings.sqlite_synchronous)
 
@@ -122,6 +131,19 @@ def check_models(settings) -> None:
             raise ReidError(f"{name}: file '{path}' not found")
 
 
+def empty_store_warning(store, store_dir, new: bool) -> str | None:
+    """What a user who mistyped --store, or forgot to create a key, should hear before the service starts."""
+    if new:
+        return (f"'{store_dir}' held no store: a new, empty one was created there (no individuals, no API keys); "
+                "if you meant an existing store, stop and check --store")
+    problems = []
+    if not store.counts()["individuals"]:
+        problems.append("no individuals (every identify answers 'new')")
+    if not any(row["revoked_at"] is None for row in store.list_keys()):
+        problems.append("no active API key (writes are refused; `reid keys create --store DIR --name NAME`)")
+    return f"the store '{store_dir}' has " + " and ".join(problems) if problems else None
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -131,8 +153,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.workers < 1:
         raise ReidError("--workers must be at least 1")
     check_models(settings)
+    new = _is_new_store(settings)
     settings.store_dir.mkdir(parents=True, exist_ok=True)
-    Store(settings.url, settings.sqlite_synchronous).close()  # schema created once, before the workers start
+    store = Store(settings.url, settings.sqlite_synchronous)  # schema created once, before the workers start
+    try:
+        warning = empty_store_warning(store, args.store, new)
+    finally:
+        store.close()
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     os.environ.update(settings.to_env())
     uvicorn.run("service.app:create_app_from_env", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level=args.log_level, timeout_graceful_shutdown=10,

@@ -43,3 +43,22 @@ def test_load_matching_skips_other_class_count(tmp_path):
     assert not torch.equal(target.head.weight[:1], source.head.weight[:1, :])
     assert skipped == ["head.weight (shape (10, 3) in checkpoint, (7, 3) here)",
                        "head.bias (shape (10,) in checkpoint, (7,) here)"]
+
+
+def test_json_files_are_strict_json_with_null_for_what_is_not_a_number(tmp_path):
+    import json
+
+    import numpy as np
+
+    from reid.io import write_jsonl
+
+    write_json(tmp_path / "m.json", {"auroc": float("nan"), "per_fold": [np.float32("inf"), np.float64(0.5)],
+                                     "count": np.int64(3), "vector": np.arange(2)})
+    write_jsonl(tmp_path / "m.jsonl", [{"val_mAP": float("-inf")}])
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=refuse) == {
+        "auroc": None, "per_fold": [None, 0.5], "count": 3, "vector": [0, 1]}
+    assert json.loads((tmp_path / "m.jsonl").read_text(), parse_constant=refuse) == {"val_mAP": None}

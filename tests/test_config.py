@@ -20,7 +20,7 @@ def test_overrides_apply_in_order_and_parse_yaml_values():
 
 
 def test_unknown_key_is_an_error_with_a_suggestion():
-    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+    with pytest.raises(ConfigError, match="did you mean 'train.epochs'"):
         load_config(None, ["train.epoch=3"])
 
 

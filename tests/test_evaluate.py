@@ -32,13 +32,18 @@ def _reid(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def _refuse(constant: str):
+    raise AssertionError(f"{constant} is not JSON")
+
+
 def test_evaluate_writes_metrics_and_report(tmp_path, tiny_checkpoint, synth_csv):
     images = sorted(Path(synth_csv).parent.rglob("*.jpg"))
     before = [file_hash(p) for p in images]
     out = tmp_path / "eval" / "metrics.json"
     _reid("evaluate", "--checkpoint", tiny_checkpoint, "--data", synth_csv, "--out", out,
           "--cache", tmp_path / "cache", "--no-progress")
-    plain = json.loads(out.read_text())
+    plain = json.loads(out.read_text(), parse_constant=_refuse)  # strict JSON: no NaN / Infinity
+    assert plain["open_set"]["auroc_known_vs_new"] is None  # every individual is known here: nothing to measure
     for key in ("mAP", "identity_balanced_mAP", "top1", "top5", "top10", "mINP", "pair_auc"):
         assert 0.0 <= plain[key] <= 1.0
     assert plain["open_set"]["threshold_source"].startswith("best on this set")
@@ -154,3 +159,16 @@ def test_submit_pairs_scores_every_row(tmp_path, tiny_checkpoint, synth_csv):
     proc = _reid("submit-pairs", "--checkpoint", tiny_checkpoint, "--images", images, "--pairs", bad, "--out", out,
                  check=False)
     assert proc.returncode == 2 and "query_image" in proc.stderr
+
+
+def test_report_rank_lists_show_confident_misses_and_unsure_hits_of_several_individuals():
+    from reid.evaluation.report import pick_examples
+
+    identities = np.array(list("aabbccdde"))
+    scores = np.array([0.9, 0.8, 0.95, 0.3, 0.7, 0.6, 0.5, 0.4, 0.99])
+    correct = np.array([0, 0, 0, 1, 1, 1, 1, 1, 0], bool)
+    known = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0], bool)  # e has no other photo: not a rank list
+    chosen = pick_examples(scores, correct, known, identities, per_kind=3)
+    # misses by confidence, one per individual first (b 0.95, a 0.9), then a's other; hits of unseen c, d
+    # first, least confident first, then b
+    assert chosen == [2, 0, 1, 7, 5, 3]

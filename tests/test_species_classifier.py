@@ -74,3 +74,23 @@ def test_species_table_problems_name_the_line(tmp_path, csv, message):
     path.write_text(csv)
     with pytest.raises(DataError, match=re.escape(message)):
         species_table(path)
+
+
+def test_train_species_prints_validation_accuracy_per_epoch_and_the_kept_one(scenes, tmp_path, capsys):
+    from reid.cli import main
+    from reid.config import dump_config
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(dump_config(tiny_config("train.epochs=2")))
+    assert main(["train-species", "--config", str(config), "--data", str(scenes.ground_truth), "--images",
+                 str(scenes.images), "--out", str(tmp_path / "species"), "--val-fraction", "0.25",
+                 "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    history = [json.loads(line) for line in (tmp_path / "species" / "metrics.jsonl").read_text().splitlines()]
+    assert [line.split(":")[0] for line in lines[:2]] == ["epoch 1/2", "epoch 2/2"]
+    for line, row in zip(lines, history):
+        assert f"validation accuracy {row['val_accuracy']:.3f}" in line
+    best = max(history, key=lambda row: (row["val_accuracy"], row["epoch"]))
+    assert lines[2] == (f"best epoch {best['epoch']}: validation accuracy {best['val_accuracy']:.3f} "
+                        f"({best['val_images']} validation crops)")
+    assert lines[3] == f"checkpoint: {tmp_path / 'species' / 'species.pt'}"

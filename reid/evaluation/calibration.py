@@ -61,6 +61,10 @@ def calibrate_run(run: str | Path, precision: float = 0.95, progress: bool = Tru
     cosine scores of the embeddings made the chosen way.
     """
     run = Path(run)
+    if run.is_file():
+        folder = run.parent.parent if run.parent.name.startswith("fold_") else run.parent
+        raise ReidError(f"'{run}' is a file: give the folder of a `reid cv` run (it holds oof_embeddings.npz and "
+                        f"fold_*/best.pt), here probably '{folder}'")
     oof = run / "oof_embeddings.npz"
     if not oof.is_file():
         raise ReidError(f"'{oof}' not found: calibration needs the out-of-fold embeddings of a finished `reid cv` run")

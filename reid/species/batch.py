@@ -747,7 +747,7 @@ def add_identify_batch_parser(subparsers) -> dict:
     p.add_argument("--species-threshold", type=float, help="below this species score the species is unknown")
     routes = p.add_mutually_exclusive_group(required=True)
     routes.add_argument("--routes", help="YAML mapping each species to its re-ID checkpoint (see "
-                                         "reid/species/README-batch.md)")
+                                         "reid/species/routing.py)")
     routes.add_argument("--checkpoint", help="one re-ID checkpoint, for the species given by --species")
     p.add_argument("--tta", choices=["none", "hflip", "flip4"],
                    help="TTA of --checkpoint (default: what `reid calibrate` chose for it, else none)")

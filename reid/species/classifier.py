@@ -14,7 +14,7 @@ import copy
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -180,8 +180,11 @@ def _run_epoch(model: SpeciesModel, loader: DataLoader, device: torch.device,
 
 def train_species_classifier(cfg: dict, table: pd.DataFrame, out: str | Path, val_fraction: float = 0.2,
                              threshold: float = 0.5, padding: float = 0.05, square: bool = True,
-                             batch_size: int | None = None, progress: bool = False) -> Path:
+                             batch_size: int | None = None, progress: bool = False,
+                             on_epoch: Callable[[dict, bool], None] | None = None) -> Path:
     """Train on `table` (species_table's columns) and write out/species.pt and out/metrics.jsonl.
+
+    `on_epoch(row, kept)` hears each epoch's metrics.jsonl row, and whether it became the checkpoint.
 
     Uses the config's model, data.image_size, data.num_workers, seed and train.epochs, lr,
     head_lr_mult (neck and head), weight_decay; the batch size defaults to sampler.p x sampler.k.
@@ -231,7 +234,8 @@ def train_species_classifier(cfg: dict, table: pd.DataFrame, out: str | Path, va
                "val_images": len(val_idx), "seconds": time.perf_counter() - start}
         history.append(row)
         score = val["accuracy"] if val["accuracy"] is not None else epoch
-        if score >= best:  # ties go to the later, longer-trained epoch
+        kept = score >= best  # ties go to the later, longer-trained epoch
+        if kept:
             best = score
             save_torch(checkpoint, {
                 "kind": CHECKPOINT_KIND, "model": model.state_dict(), "classes": classes, "config": cfg,
@@ -239,6 +243,8 @@ def train_species_classifier(cfg: dict, table: pd.DataFrame, out: str | Path, va
                 "crop": {"padding": padding, "square": square}, "threshold": threshold, "epoch": epoch,
                 "metrics": row})
         write_jsonl(out / "metrics.jsonl", history)
+        if on_epoch is not None:
+            on_epoch(row, kept)
     return checkpoint
 
 

@@ -19,6 +19,8 @@ save_checkpoint = save_torch
 
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ReidError(f"'{path}' is a folder, not a checkpoint file{_checkpoints_in(path)}")
     if not path.is_file():
         raise ReidError(f"checkpoint '{path}' not found")
     try:
@@ -26,6 +28,15 @@ def load_checkpoint(path: str | Path) -> dict:
     except Exception as exc:  # torch raises many types for a damaged file
         raise ReidError(f"checkpoint '{path}' is unreadable ({type(exc).__name__}: {exc}); "
                         "use the run's other checkpoint (best.pt / last.pt) or retrain") from None
+
+
+def _checkpoints_in(folder: Path) -> str:
+    """The checkpoints a user who named a run folder most likely meant."""
+    found = sorted(folder.glob("best.pt")) or sorted(folder.glob("fold_*/best.pt"))
+    if not found:
+        return "; give the best.pt of a `reid train` or `reid cv` run"
+    kind = "a `reid cv` run folder" if found[0].parent != folder else "a run folder"
+    return f" ({kind}): give one of its checkpoints, e.g. {', '.join(map(str, found[:5]))}"
 
 
 def load_matching(module: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:

@@ -20,6 +20,7 @@ from reid.reproducibility import run_record
 from reid.train import distributed
 from reid.train.checkpoint import load_checkpoint
 from reid.train.curves import cv_figure, read_history, save_figure
+from reid.train.runlock import run_lock
 from reid.train.trainer import FoldTrainer, refuse_existing_run
 
 REPORTED = ("mAP", "identity_balanced_mAP", "top1")
@@ -50,12 +51,13 @@ def train_fold(cfg: dict, table: pd.DataFrame, data: str, out: str | Path, fold:
     """`reid train`: one fold of the configured split, written straight into `out`."""
     out = Path(out)
     refuse_existing_run(out, resume)
-    folds = load_or_make_split(cfg, table, out)
-    if not 0 <= fold < cfg["cv"]["folds"]:
-        raise ReidError(f"--fold {fold} is outside 0..{cfg['cv']['folds'] - 1}")
-    _record_run(cfg, out, data, fold=fold)
-    trainer = FoldTrainer(cfg, table, np.flatnonzero(folds != fold), np.flatnonzero(folds == fold), out, progress)
-    return trainer.fit(resume=resume)
+    with run_lock(out):
+        folds = load_or_make_split(cfg, table, out)
+        if not 0 <= fold < cfg["cv"]["folds"]:
+            raise ReidError(f"--fold {fold} is outside 0..{cfg['cv']['folds'] - 1}")
+        _record_run(cfg, out, data, fold=fold)
+        trainer = FoldTrainer(cfg, table, np.flatnonzero(folds != fold), np.flatnonzero(folds == fold), out, progress)
+        return trainer.fit(resume=resume)
 
 
 def cross_validate(cfg: dict, table: pd.DataFrame, data: str, out: str | Path, resume: bool = False,
@@ -66,6 +68,12 @@ def cross_validate(cfg: dict, table: pd.DataFrame, data: str, out: str | Path, r
     out = Path(out)
     for fold in range(cfg["cv"]["folds"]):
         refuse_existing_run(out / f"fold_{fold}", resume)
+    with run_lock(out):
+        return _cross_validate(cfg, table, data, out, resume, progress, on_fold)
+
+
+def _cross_validate(cfg: dict, table: pd.DataFrame, data: str, out: Path, resume: bool, progress: bool,
+                    on_fold: Callable[[int, dict], None] | None) -> dict:
     folds = load_or_make_split(cfg, table, out)
     _record_run(cfg, out, data, folds=cfg["cv"]["folds"])
     ctx = distributed.init()
