@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from reid.data.classes import flank_count
 from reid.errors import ReidError
 from reid.evaluation.metrics import rank_queries
 from reid.evaluation.open_set import calibrate_thresholds
@@ -48,8 +50,7 @@ def _flips_allowed(data: np.lib.npyio.NpzFile) -> bool:
     fake right one); a run written before viewpoints were recorded is not flipped."""
     if "viewpoint" not in data.files:
         return False
-    views = [str(v).strip() for v in data["viewpoint"]]
-    return len({v for v in views if v}) < 2
+    return flank_count(pd.DataFrame({"viewpoint": data["viewpoint"]})) < 2
 
 
 def calibrate_run(run: str | Path, precision: float = 0.95, progress: bool = True) -> tuple[dict, list[Path]]:

@@ -36,7 +36,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from reid.config import dump_config, with_values
 from reid.errors import ConfigError, ReidError
-from reid.io import atomic_path, write_json, write_text
+from reid.io import write_json, write_text
 
 METRICS = ("mAP", "identity_balanced_mAP", "top1")
 SPACE_KEYS = {"metric", "trials", "seed", "baseline", "enqueue", "params", "startup_trials"}
@@ -297,10 +297,9 @@ def _plain(value: Any) -> Any:
 
 
 def _plot_trials(table: pd.DataFrame, metric: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from reid.train.curves import save_figure  # sets the Agg backend
 
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(table) + 3), 4))
     for state, color in (("complete", "tab:blue"), ("pruned", "tab:gray"), ("fail", "tab:red")):
@@ -320,9 +319,7 @@ def _plot_trials(table: pd.DataFrame, metric: str, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.set_title(f"sweep: held-out {metric} per trial")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_sweep(cfg: dict, table: pd.DataFrame, data: str, space_path: str | Path, out: str | Path,

@@ -93,6 +93,8 @@ class FoldTrainer:
                                                       erasing_p=dcfg["erasing_p"]),
                                      cache_images=dcfg["cache_images"], cache_size=int(size * 1.15))
         self.eval_transform = build_transforms(size, self.mean, self.std, train=False, hflip=False)
+        # the viewpoint of each row when flanks are named: validation then splits its scores by flank
+        self.views = classes.named_viewpoints(table).to_numpy() if classes.flank_count(table) > 1 else None
         scfg = cfg["sampler"]
         self.sampler = PKSampler(labels, scfg["p"], scfg["k"], cfg["seed"], scfg["batches_per_epoch"],
                                  scfg["min_batches_per_epoch"])
@@ -333,11 +335,11 @@ class FoldTrainer:
         emb = self.embed(rows, desc="validating")
         ids, groups = self.table["identity"].to_numpy(), encounter_ids(self.table)
         q, g = np.searchsorted(rows, self.val_idx), np.searchsorted(rows, gallery_idx)
-        views = classes.named_viewpoints(self.table) if classes.flank_count(self.table) > 1 else None
+        views = self.views
         return retrieval_metrics(emb[q], ids[self.val_idx], emb[g], ids[gallery_idx],
                                  query_groups=groups[self.val_idx], gallery_groups=groups[gallery_idx],
-                                 query_views=None if views is None else views.to_numpy()[self.val_idx],
-                                 gallery_views=None if views is None else views.to_numpy()[gallery_idx])
+                                 query_views=None if views is None else views[self.val_idx],
+                                 gallery_views=None if views is None else views[gallery_idx])
 
     def probe(self) -> dict:
         """The same retrieval metrics on the fixed sample of training images, among themselves."""
