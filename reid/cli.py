@@ -13,6 +13,34 @@ TTA_CHOICES = ("none", "hflip", "flip4")
 KIND_CHOICES = ("flat", "hnsw", "ivfpq")
 
 
+def _at_least(minimum: int):
+    """An argparse type: an integer >= minimum, so a bad value gets a usage error, not a traceback."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is too small: give at least {minimum}")
+        return value
+    return parse
+
+
+def _fraction(open_interval: bool = False):
+    """An argparse type: a number in [0, 1] (or (0, 1) with open_interval)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        inside = 0 < value < 1 if open_interval else 0 <= value <= 1
+        if not inside:
+            raise argparse.ArgumentTypeError(f"{value} must lie between 0 and 1"
+                                             + (" (both excluded)" if open_interval else ""))
+        return value
+    return parse
+
+
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     parser.add_argument("--config", default=default, required=default is None,
                         help="YAML file, or a name from configs/ (default, cpu-small, nyala-mobilenet)")
@@ -58,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "encounter]")
     species.add_argument("--images", help="folder that the CSV's paths start from")
     species.add_argument("--out", required=True)
-    species.add_argument("--val-fraction", type=float, default=0.2)
-    species.add_argument("--threshold", type=float, default=0.5, help="below this confidence: 'unknown'")
+    species.add_argument("--val-fraction", type=_fraction(open_interval=True), default=0.2)
+    species.add_argument("--threshold", type=_fraction(), default=0.5, help="below this confidence: 'unknown'")
     species.add_argument("--no-progress", action="store_true")
 
     train = sub.add_parser("train", help="train one fold; writes OUT/best.pt, OUT/last.pt, OUT/metrics.jsonl")
@@ -68,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cv = sub.add_parser("cv", help="k-fold cross-validation; writes OUT/fold_K/... and OUT/cv_summary.json")
     _add_run_args(cv)
-    cv.add_argument("--folds", type=int, help="number of folds (default: cv.folds of the config)")
+    cv.add_argument("--folds", type=_at_least(2), help="number of folds (default: cv.folds of the config)")
 
     sweep = sub.add_parser("sweep", help="cross-validated recipe search with Optuna over a YAML search space; "
                                          "resumable; writes OUT/trials.csv, trials.json, trials.png, best.yaml")
@@ -111,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "new-individual thresholds from a CV run's "
                                                  "out-of-fold embeddings and store them in its checkpoints")
     calibrate.add_argument("--run", required=True, help="folder of a `reid cv` run")
-    calibrate.add_argument("--precision", type=float, default=0.95, help="target precision of both decisions")
+    calibrate.add_argument("--precision", type=_fraction(open_interval=True), default=0.95, help="target precision of both decisions")
 
     pairs = sub.add_parser("submit-pairs", help="Kaggle pair file -> submission with one similarity per pair")
     _add_embed_args(pairs)
@@ -119,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--pairs", required=True, help="CSV with query_image, gallery_image (and row_id)")
     pairs.add_argument("--out", required=True, help="submission CSV")
     pairs.add_argument("--cache", default="cache", help="embedding cache root (default: ./cache)")
-    pairs.add_argument("--blend", type=float, default=0.5,
+    pairs.add_argument("--blend", type=_fraction(), default=0.5,
                        help="weight of the raw cosine when re-ranking: blend*raw + (1-blend)*re-ranked")
     _add_rerank_args(pairs)
 
@@ -137,19 +165,19 @@ def _add_embed_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", choices=list(TTA_CHOICES),
                         help="test-time augmentation: none, hflip, or flip4 (all four flips), averaged "
                              "(default: what `reid calibrate` chose for the checkpoint, else none)")
-    parser.add_argument("--chunk", type=int, default=100, help="images per cache chunk (default 100)")
-    parser.add_argument("--batch-size", type=int, help="default: eval.batch_size of the checkpoint's config")
+    parser.add_argument("--chunk", type=_at_least(1), default=100, help="images per cache chunk (default 100)")
+    parser.add_argument("--batch-size", type=_at_least(1), help="default: eval.batch_size of the checkpoint's config")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _add_rerank_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dba", type=int, default=0, metavar="N", help="database-side augmentation with N neighbours")
-    parser.add_argument("--qe", type=int, default=0, metavar="N", help="alpha query expansion with N neighbours")
+    parser.add_argument("--dba", type=_at_least(0), default=0, metavar="N", help="database-side augmentation with N neighbours")
+    parser.add_argument("--qe", type=_at_least(0), default=0, metavar="N", help="alpha query expansion with N neighbours")
     parser.add_argument("--qe-alpha", type=float, default=3.0)
     parser.add_argument("--k-reciprocal", action="store_true", help="k-reciprocal re-ranking (Zhong et al. 2017)")
-    parser.add_argument("--k1", type=int, default=20)
-    parser.add_argument("--k2", type=int, default=6)
-    parser.add_argument("--lambda", dest="lambda_value", type=float, default=0.3)
+    parser.add_argument("--k1", type=_at_least(1), default=20)
+    parser.add_argument("--k2", type=_at_least(1), default=6)
+    parser.add_argument("--lambda", dest="lambda_value", type=_fraction(), default=0.3)
     parser.add_argument("--no-postprocessing", action="store_true",
                         help="plain cosine, ignoring the re-ranking `reid calibrate` chose for the checkpoint "
                              "(without any re-ranking flag, that choice is applied)")

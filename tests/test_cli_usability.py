@@ -87,3 +87,18 @@ def test_written_files_get_the_usual_mode_not_a_private_one(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "results.csv").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["calibrate", "--run", "r", "--precision", "1"], "--precision: 1.0 must lie between 0 and 1 (both excluded)"),
+    (["evaluate", "--checkpoint", "c", "--data", "d", "--out", "o", "--k-reciprocal", "--k1", "0"],
+     "--k1: 0 is too small: give at least 1"),
+    (["evaluate", "--checkpoint", "c", "--data", "d", "--out", "o", "--lambda", "1.5"],
+     "--lambda: 1.5 must lie between 0 and 1"),
+    (["embed", "--checkpoint", "c", "--data", "d", "--out", "o", "--chunk", "ten"], "--chunk: 'ten' is not a whole number"),
+])
+def test_out_of_range_numbers_get_a_usage_error_not_a_traceback(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
