@@ -69,6 +69,8 @@ DEFAULTS: dict[str, Any] = {
         "frozen_layers": 0,       # lowest backbone layer groups (stages/blocks) kept frozen ...
         "frozen_epochs": 0,       # ... for this many first epochs (0 with frozen_layers > 0: the whole run)
         "ema_decay": 0.0,         # > 0: validate and keep an exponential moving average of the weights
+        "whitening": False,       # fit the neck as learned whitening of the training images (reid/model/whitening.py)
+        "whitening_shrink": 1.0,  # its regularisation: multiple of the mean within-individual variance
     },
     "cv": {
         "folds": 5,
