@@ -44,7 +44,7 @@ def test_whitening_fitted_on_some_individuals_finds_others_that_cosine_misses():
 
 def test_whitening_errors_name_the_setting():
     features, ids = _photos(4, 2, seed=0)
-    with pytest.raises(ConfigError, match="embedding_dim 64 exceeds the backbone's 32"):
+    with pytest.raises(ConfigError, match="embedding_dim 64 exceeds the backbone.s 32"):
         learned_whitening(features, ids, dim=64)
     with pytest.raises(ConfigError, match="at least two training photos"):
         learned_whitening(features[::2], ids[::2], dim=8)
@@ -88,3 +88,11 @@ def test_a_run_with_whitening_keeps_it_in_best_pt_and_the_embedder_applies_it(tm
     expected = (features - mean) @ projection
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(embedder.embed_paths(paths), expected, atol=2e-3)
+
+
+def test_an_impossible_whitening_is_refused_before_training(tmp_path, synth_csv):
+    table = pd.read_csv(synth_csv)
+    cfg = tiny_config("train.whitening=true", "model.embedding_dim=4096")
+    with pytest.raises(ConfigError, match="set model.embedding_dim="):
+        FoldTrainer(cfg, table, np.arange(0, 30), np.arange(30, 48), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -29,6 +29,15 @@ class PooledFeatures(nn.Module):
         return self.model.features(images)
 
 
+def check_settings(dim: int, features: int, shrink: float) -> None:
+    """The whitening a config asks for is possible (checked before training, not after it)."""
+    if dim > features:
+        raise ConfigError(f"model.embedding_dim {dim} exceeds the backbone's {features} pooled features; learned "
+                          f"whitening can keep at most {features}: set model.embedding_dim={features} or less")
+    if shrink <= 0:
+        raise ConfigError(f"train.whitening_shrink is {shrink}; use a positive value (1.0 is a good default)")
+
+
 def learned_whitening(features: np.ndarray, labels: np.ndarray, dim: int, shrink: float = 1.0
                       ) -> tuple[np.ndarray, np.ndarray]:
     """`(mean, projection)` with `(x - mean) @ projection` the whitened features, projection (d, dim).
@@ -39,12 +48,8 @@ def learned_whitening(features: np.ndarray, labels: np.ndarray, dim: int, shrink
     """
     features = np.asarray(features, dtype=np.float64)
     labels = np.asarray(labels)
-    n, d = features.shape
-    if dim > d:
-        raise ConfigError(f"model.embedding_dim {dim} exceeds the backbone's {d} pooled features; learned "
-                          f"whitening can keep at most {d}")
-    if shrink <= 0:
-        raise ConfigError(f"train.whitening_shrink is {shrink}; use a positive value (1.0 is a good default)")
+    d = features.shape[1]
+    check_settings(dim, d, shrink)
     deviations = [features[labels == label] - features[labels == label].mean(axis=0)
                   for label in np.unique(labels) if (labels == label).sum() > 1]
     if not deviations:

@@ -31,7 +31,7 @@ from reid.errors import ConfigError, ReidError
 from reid.evaluation.metrics import retrieval_metrics
 from reid.io import write_json, write_jsonl
 from reid.model.build import build_model, preprocessing
-from reid.model.whitening import PooledFeatures, learned_whitening, load_into_neck
+from reid.model.whitening import PooledFeatures, check_settings as check_whitening, learned_whitening, load_into_neck
 from reid.reproducibility import rng_state, seed_everything, set_rng_state
 from reid.train import distributed
 from reid.train.checkpoint import load_checkpoint, load_matching, save_checkpoint
@@ -79,6 +79,9 @@ class FoldTrainer:
         # channels-last convolutions run ~1.5x faster on CPU and use tensor cores on GPU
         self.model = build_model(cfg).to(self.ctx.device, memory_format=torch.channels_last)
         self.mean, self.std = preprocessing(self.model)
+        if tcfg["whitening"]:
+            check_whitening(cfg["model"]["embedding_dim"], self.model.backbone.num_features,
+                            float(tcfg["whitening_shrink"]))
         dcfg = cfg["data"]
         size = dcfg["image_size"]
         self.hflip, hflip_reason = use_hflip(dcfg["hflip"], table)
