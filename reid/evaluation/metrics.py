@@ -216,7 +216,8 @@ def rank_queries(query_emb: np.ndarray, query_ids: Sequence, gallery_emb: np.nda
     for start in range(0, len(queries), chunk):
         stop = min(start + chunk, len(queries))
         rows = score_rows(start, stop) if score_rows else queries[start:stop] @ gallery.T
-        for row, (hidden, positives) in zip(np.asarray(rows, dtype=np.float32), sets):
+        # a copy: hiding writes -inf, and score_rows may hand out views of a matrix it keeps
+        for row, (hidden, positives) in zip(np.array(rows, dtype=np.float32), sets):
             row[hidden] = -np.inf  # below every real score: a hidden image never outranks a positive
             ranks.append(_ranks(row, positives) if positives.size else _EMPTY)
             best = np.argpartition(-row, list_length - 1)[:list_length]
