@@ -50,11 +50,15 @@ def learned_whitening(features: np.ndarray, labels: np.ndarray, dim: int, shrink
     labels = np.asarray(labels)
     d = features.shape[1]
     check_settings(dim, d, shrink)
-    deviations = [features[labels == label] - features[labels == label].mean(axis=0)
-                  for label in np.unique(labels) if (labels == label).sum() > 1]
-    if not deviations:
+    _, individual = np.unique(labels, return_inverse=True)
+    counts = np.bincount(individual)
+    centres = np.zeros((len(counts), d))
+    np.add.at(centres, individual, features)
+    centres /= counts[:, None]
+    # deviations from the individual's mean photo; a lone photo has none to give
+    within = (features - centres[individual])[counts[individual] > 1]
+    if not len(within):
         raise ConfigError("learned whitening needs individuals with at least two training photos; none has")
-    within = np.concatenate(deviations)
     scatter = within.T @ within / len(within)
     scatter += shrink * np.trace(scatter) / d * np.eye(d)
     values, vectors = np.linalg.eigh(scatter)
