@@ -31,7 +31,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reid.train.checkpoint import save_random_backbone  # noqa: E402
+from reid.checkpoint import save_random_backbone  # noqa: E402
 
 
 def speciesnet_from_truth(truth: pd.DataFrame, path: Path) -> Path:

@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reid.train.checkpoint import save_random_backbone  # noqa: E402
+from reid.checkpoint import save_random_backbone  # noqa: E402
 from reid.data.dataset import read_image  # noqa: E402
 from reid.data.synth import make_synthetic_dataset  # noqa: E402
 
@@ -205,7 +205,7 @@ def main() -> None:
                                         "torch_threads": threads, "tta": args.tta,
                                         "threadpool_size": args.threadpool}))
         store = tmp / "store"
-        from service.store import Store
+        from reid.store import Store
 
         _, key = Store(f"sqlite:///{store / 'wildreid.db'}").create_key("bench")
         headers = {"Authorization": f"Bearer {key}"}

@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reid.train.checkpoint import save_random_backbone  # noqa: E402
+from reid.checkpoint import save_random_backbone  # noqa: E402
 from scripts.bench_service import Connection, multipart, percentile  # noqa: E402
 
 GB = 1024 ** 3
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--settings", help="JSON of further server settings (e.g. decode_budget_bytes)")
     args = parser.parse_args()
 
-    from service.store import Store
+    from reid.store import Store
     from service.testing import ServerProcess
 
     with tempfile.TemporaryDirectory() as tmp:

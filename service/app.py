@@ -19,15 +19,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from reid.errors import ReidError
+from reid.errors import ReidError, RequestError
 from service.core import Service
-from service.errors import ApiError
+from service.errors import status_of
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.routers import health, identify, images, individuals
 from service.routers.health import VERSION
 from service.settings import Settings
-from service.store import disk_full
+from reid.store import disk_full
 
 log = logging.getLogger("wildreid.service")
 
@@ -70,10 +70,11 @@ def allowed_methods(app: FastAPI, scope) -> list[str]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError):
-        headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": "1"}}.get(exc.status)
-        return error_response(exc.status, exc.code, exc.message, exc.details, headers)
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError):
+        status = status_of(exc)
+        headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": "1"}}.get(status)
+        return error_response(status, exc.code, exc.message, exc.details, headers)
 
     @app.exception_handler(ReidError)
     async def reid_error(request: Request, exc: ReidError):

@@ -14,7 +14,8 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from service.errors import ApiError, PayloadTooLarge
+from reid.errors import TooLarge
+from service.errors import ApiError
 
 MB = 1024 * 1024
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -120,12 +121,12 @@ class Lease:
         """413 when `nbytes` more could never fit this request's budget or the process's."""
         budget = self.budget
         if self.held + nbytes > budget.per_request:
-            raise PayloadTooLarge(f"{what} needs {megabytes(nbytes)} to decode; with the request's other photos "
+            raise TooLarge(f"{what} needs {megabytes(nbytes)} to decode; with the request's other photos "
                                   f"({megabytes(self.held)}) that is past the per-request decoding budget of "
                                   f"{megabytes(budget.per_request)} (request_decode_budget_bytes): send fewer or "
                                   "smaller photos, or JPEGs (decoded at a reduced scale)", code="decode_budget")
         if nbytes > budget.total:
-            raise PayloadTooLarge(f"{what} needs {megabytes(nbytes)} to decode, more than the server's decoding "
+            raise TooLarge(f"{what} needs {megabytes(nbytes)} to decode, more than the server's decoding "
                                   f"budget of {megabytes(budget.total)} (decode_budget_bytes)", code="decode_budget")
 
     @contextmanager

@@ -78,7 +78,7 @@ def _is_new_store(settings) -> bool:
 
 def _store(args: argparse.Namespace):
     """The store of --store; only `keys create` starts a new one: listing or revoking reads what is there."""
-    from service.store import Store
+    from reid.store import Store
 
     settings = _settings(args)
     if args.keys_command != "create" and _is_new_store(settings):
@@ -114,7 +114,7 @@ def check_models(settings) -> None:
     """Clear errors now, rather than a traceback in each worker: every file the models need is there and is
     what it should be (the networks themselves load in the workers)."""
     from reid.species.routing import Router
-    from reid.train.checkpoint import load_checkpoint
+    from reid.checkpoint import load_checkpoint
 
     if settings.checkpoint is None and settings.routes is None:
         raise ReidError("serve needs a re-ID model: --checkpoint CKPT (every species), --routes FILE (a checkpoint "
@@ -147,7 +147,7 @@ def empty_store_warning(store, store_dir, new: bool) -> str | None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from service.store import Store
+    from reid.store import Store
 
     settings = _settings(args)
     if args.workers < 1:

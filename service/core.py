@@ -12,28 +12,24 @@ import numpy as np
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from reid.errors import ReidError
-from reid.evaluation.open_set import decide
+from reid.errors import Conflict, InvalidInput, NotFound
+from reid.identify.animals import (Animal, Found, View, detected_animals, enrollable, given_animals, parse_detections,
+                                   plan_bboxes)
+from reid.identify.gallery import Galleries, rerank_description
+from reid.identify.identify import identify
+from reid.identify.photos import Upload, decode_upload
+from reid.identify.reembed import reembed_stale, stored_view
 from reid.species.detector import detection_rows
 from reid.species.speciesnet import UNKNOWN
-from service.errors import Conflict, InvalidInput, NotFound
-from service.gallery import Galleries
+from reid.store import MISSING, FileIntegrity, NewImage, Store, SweepResult, store_file, sweep_orphans
 from service.budget import Lease, MemoryBudget, return_large_frees_to_the_os
-from service.images import Upload, decode_upload, parse_bbox, read_upload, store_file
+from service.forms import read_upload
 from service.metrics import Metrics
-from service.models import Models, SpeciesRoute
-from service.pipeline import (Animal, Found, View, detected_animals, enrollable, given_animals, parse_detections,
-                              plan_bboxes)
+from service.networks import Models, SpeciesRoute
+from service.periodic import Periodic
 from service.settings import Settings
-from service.store import NewImage, Store
-from service.upkeep import MISSING, FileIntegrity, Periodic, SweepResult, sweep_orphans
 
 log = logging.getLogger("wildreid.service")
-
-
-def _score(value: float) -> float:
-    """A cosine similarity as answered: float32 rounding can put an identical image at 1.0000001."""
-    return round(min(1.0, max(-1.0, float(value))), 6)
 
 
 class Service:
@@ -103,39 +99,25 @@ class Service:
             if model is None:
                 continue  # kept as they are: searchable again once a model serves the species
             network = model.network
-            after = 0
-            while rows := self.store.stale_images(species, network.stamp, after):
-                after = rows[-1]["id"]
-                vectors = {}
-                for row in rows:
-                    array = self._stored_view(row)
-                    if array is not None:
-                        vectors[row["id"]] = network.runner.forward([network.runner.preprocess(array)])[0]
-                    else:
-                        skipped += 1
-                if vectors:
-                    self.store.set_embeddings(vectors, network.stamp)
-                done += len(vectors)
+            runner = network.runner
+
+            def view(row: dict) -> np.ndarray | None:
+                return stored_view(self.settings.store_dir, row, self.crops, self.settings.photo_limits(),
+                                   runner.image_size, self.integrity)
+
+            def embed(arrays: list[np.ndarray]) -> np.ndarray:
+                return runner.forward([runner.preprocess(array) for array in arrays])
+
+            embedded, unreadable = reembed_stale(self.store, species, network.stamp, embed, view,
+                                                 lambda vectors: self.store.set_embeddings(vectors, network.stamp),
+                                                 runner.embedder.batch_size)
+            done, skipped = done + embedded, skipped + unreadable
         if done:
             log.warning("embedded %d stored images again with the current models", done)
         if skipped:
             log.warning("%d stored images could not be embedded again (their files are corrupt or missing: see the "
                         "errors above); they stay out of the gallery until their photos are uploaded again", skipped)
         return done
-
-    def _stored_view(self, row: dict) -> np.ndarray | None:
-        """The model input of a stored image (its file, verified, decoded and cut by its box); None when the
-        file is corrupt, missing or undecodable (logged and recorded as corrupt)."""
-        if self.integrity.check(self.settings.store_dir, row["path"], row["sha256"], row["id"]):
-            return None
-        box = parse_bbox(row["bbox"]) if row["bbox"] else None
-        try:
-            data = (self.settings.store_dir / row["path"]).read_bytes()
-            upload = self.decode(data, 0, row["path"], box is not None)
-        except (OSError, ReidError) as exc:
-            log.error("stored image %d (%s) cannot be embedded again: %s", row["id"], row["path"], exc)
-            return None
-        return self.crops.cut(upload.array, box) if box else upload.array
 
     # ------------------------------------------------------------------ photos to animals
     async def find(self, files: list, bbox_texts: list[str], detection_texts: list[str], multi_animal: bool,
@@ -291,31 +273,26 @@ class Service:
 
     # ------------------------------------------------------------------ identify
     def search(self, animals: list[tuple[Animal, SpeciesRoute, np.ndarray]], top_k: int) -> list[dict]:
-        """Each animal's fused query searched in its species' gallery: candidates and decision."""
+        """Each animal identified in its species' gallery (reid.identify): candidates and decision."""
         cache = self._cached()  # brings the galleries up to date first
-        results = []
-        for animal, model, vectors in animals:
-            query = vectors.mean(axis=0)
-            norm = float(np.linalg.norm(query))
-            query = (query / norm if norm > 0 else query).astype(np.float32)
-            results.append(self.galleries.search(animal.species, query, top_k))
-        wanted = {m.individual_id for matches in results for m in matches}
+        results = [identify(self.galleries, animal.species, vectors, model.thresholds, top_k)
+                   for animal, model, vectors in animals]
+        wanted = {c.individual_id for result in results for c in result.candidates}
         missing = wanted - cache["names"].keys()
         if missing:
             cache["names"].update(self.store.names(missing))
         names, sizes = cache["names"], self.galleries.sizes()
         out = []
-        for (animal, model, _), matches in zip(animals, results):
-            best = _score(matches[0].score) if matches else None
-            decision = decide(best, model.thresholds) if best is not None else "new"
-            self.metrics.decisions.labels(decision).inc()
-            out.append({"decision": decision, "best_score": best, "model": model.network.stamp,
+        for (animal, model, _), result in zip(animals, results):
+            self.metrics.decisions.labels(result.decision).inc()
+            out.append({"decision": result.decision, "best_score": result.best_score, "model": model.network.stamp,
                         "gallery_size": sizes.get(animal.species, 0),
                         "thresholds": {**model.thresholds, "source": model.threshold_source},
+                        "rerank": rerank_description(model.layout),
                         "candidates": [
-                            {"rank": rank, "individual_id": m.individual_id, "name": names.get(m.individual_id, ""),
-                             "score": _score(m.score), "images": [{"image_id": i, "score": _score(s)} for i, s in m.images]}
-                            for rank, m in enumerate(matches, 1)]})
+                            {"rank": rank, "individual_id": c.individual_id, "name": names.get(c.individual_id, ""),
+                             "score": c.score, "cosine": c.cosine, "images": [vars(i) for i in c.images]}
+                            for rank, c in enumerate(result.candidates, 1)]})
         return out
 
     # ------------------------------------------------------------------ writes
@@ -324,7 +301,7 @@ class Service:
         out = []
         for view, vector in zip(views, vectors):
             upload = found.uploads[view.image]
-            path = store_file(self.settings.store_dir, upload)
+            path = store_file(self.settings.store_dir, upload.relpath, upload.data, upload.sha256)
             self.integrity.intact(path)  # verified or written afresh
             out.append(NewImage(upload.sha256, path, upload.media_type, upload.width, upload.height,
                                 len(upload.data), vector, upload.filename,

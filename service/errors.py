@@ -1,45 +1,25 @@
-"""Errors of the service: each carries its HTTP status and a stable machine-readable code.
+"""Errors of the service and the HTTP status of every error a request can meet.
 
-They subclass `reid.errors.ReidError`, so the store and commands raise them for a user's mistake
-and the CLI prints them like any other; the app turns them into `{"error": {"code", "message"}}`.
+The library raises `reid.errors.RequestError` kinds (store, photos, identification); `status_of`
+maps each kind to its HTTP status. Errors only HTTP knows (keys, readiness, forms) are `ApiError`s,
+which carry their status themselves. The app turns all of them into `{"error": {"code", "message"}}`.
 """
 from __future__ import annotations
 
-from reid.errors import ReidError
+from reid.errors import (Conflict, DiskFull, InvalidInput, NotFound, RequestError, StorageUnavailable, TooLarge,
+                         UnsupportedMedia)
+
+STATUS = {InvalidInput: 422, NotFound: 404, Conflict: 409, TooLarge: 413, UnsupportedMedia: 415, DiskFull: 507,
+          StorageUnavailable: 503}
 
 
-class ApiError(ReidError):
+class ApiError(RequestError):
     status = 400
-    code = "bad_request"
 
     def __init__(self, message: str, code: str | None = None, status: int | None = None, **details):
-        super().__init__(message)
-        self.message = message
-        if code:
-            self.code = code
+        super().__init__(message, code, **details)
         if status:
             self.status = status
-        self.details = details or None
-
-
-class InvalidInput(ApiError):
-    status, code = 422, "invalid_input"
-
-
-class NotFound(ApiError):
-    status, code = 404, "not_found"
-
-
-class Conflict(ApiError):
-    status, code = 409, "conflict"
-
-
-class PayloadTooLarge(ApiError):
-    status, code = 413, "payload_too_large"
-
-
-class UnsupportedMedia(ApiError):
-    status, code = 415, "unsupported_media_type"
 
 
 class Unauthorized(ApiError):
@@ -54,10 +34,8 @@ class NotReady(ApiError):
     status, code = 503, "not_ready"
 
 
-class InsufficientStorage(ApiError):
-    """The disk under the image files or the database is full: nothing of the request was kept."""
-    status, code = 507, "disk_full"
-
-
-class StorageUnavailable(ApiError):
-    status, code = 503, "storage_unavailable"
+def status_of(exc: RequestError) -> int:
+    """The HTTP status of a request error: its own (ApiError), else its kind's."""
+    if isinstance(exc, ApiError):
+        return exc.status
+    return next((STATUS[kind] for kind in type(exc).__mro__ if kind in STATUS), 400)

@@ -5,16 +5,19 @@ as invalid UTF-8 would be stored as mojibake. The routes of this API parse their
 `StrictMultiPartParser` first (FastAPI then reuses the parsed form), which refuses such a field
 with a 400 that names it. And FastAPI ignores query parameters an operation does not take (a
 misspelt `per_pge` would silently list the first page): they are refused with a 422 naming them.
+Uploaded files are read in chunks and refused as soon as they pass the size limit (`read_upload`).
 """
 from __future__ import annotations
 
-from fastapi import Request, params
+from fastapi import Request, UploadFile, params
 from fastapi.routing import APIRoute
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from reid.errors import TooLarge
 from service.errors import ApiError
 
 FORM_CONTENT_TYPE = "multipart/form-data"
+READ_CHUNK = 1024 * 1024
 
 
 class InvalidFormText(MultiPartException):
@@ -74,3 +77,21 @@ class StrictRoute(APIRoute):
             return await handler(request)
 
         return strict_handler
+
+
+async def read_upload(file: UploadFile, index: int, max_bytes: int) -> bytes:
+    """The bytes of one uploaded file, refused as soon as it passes `max_bytes`."""
+    label = f"images[{index}]" + (f" ('{file.filename}')" if file.filename else "")
+    size = getattr(file, "size", None)
+    if size is not None and size > max_bytes:
+        raise TooLarge(f"{label} is {size} bytes; the limit is {max_bytes} bytes", code="file_too_large")
+    chunks, total = [], 0
+    while True:
+        chunk = await file.read(READ_CHUNK)
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > max_bytes:
+            raise TooLarge(f"{label} is larger than the limit of {max_bytes} bytes", code="file_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,13 +1,13 @@
 """Pydantic models of every request and response of the API (the OpenAPI schema at /docs)."""
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SPECIES_PATTERN = re.compile(r"^[a-z0-9][a-z0-9 _.\-]{0,99}$")
+from reid.species.names import normalise_species
+
 # what a species field may hold as sent (stated in the OpenAPI schema): case and spaces are normalised away
 SPECIES_INPUT = r"^[ \t]*[A-Za-z0-9][A-Za-z0-9 \t_.\-]*$"
 OPTIONAL_SPECIES_INPUT = r"^[ \t]*([A-Za-z0-9][A-Za-z0-9 \t_.\-]*)?$"  # blank: not given
@@ -18,18 +18,6 @@ NAME = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
 # free text (notes): line breaks and tabs, no other control character
 TEXT = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
 MAX_ID = 2**31 - 1  # ids are 32-bit integers in PostgreSQL (and offsets are bounded alike)
-
-
-def normalise_species(value: str | None) -> str | None:
-    """Species names are compared lower-case with outer spaces removed ("Zebra " is "zebra")."""
-    if value is None:
-        return None
-    value = " ".join(value.strip().lower().split())
-    if not value:
-        return None
-    if not SPECIES_PATTERN.match(value):
-        raise ValueError("species must be 1-100 characters: letters, digits, space, '_', '.', '-'")
-    return value
 
 
 def _name(value: str | None) -> str | None:
@@ -238,15 +226,33 @@ class Thresholds(BaseModel):
 
 class ImageMatch(BaseModel):
     image_id: int
-    score: float
+    score: float = Field(description="its ranking score: 1 - re-ranked distance, or the cosine without re-ranking")
+    cosine: float = Field(description="cosine similarity of the fused query to this image")
 
 
 class Candidate(BaseModel):
     rank: int
     individual_id: int
     name: str
-    score: float = Field(description="cosine similarity of the fused query to the individual's best gallery image")
+    score: float = Field(description="the individual's ranking score, its best image's: 1 - its k-reciprocal "
+                                     "re-ranked distance when re-ranking is on, else its cosine")
+    cosine: float = Field(description="cosine similarity of the fused query to the individual's most similar "
+                                      "image among the candidates")
     images: list[ImageMatch] = Field(description="its gallery images among the nearest neighbours, best first")
+
+
+class Rerank(BaseModel):
+    """The re-ranking an answer used, and where its settings came from."""
+    describe: str = Field(description="'none', or the steps: alpha-QE, k-reciprocal with k1, k2, lambda")
+    source: str = Field(description="checkpoint (chosen by `reid calibrate`), settings, or off")
+    k_reciprocal: bool
+    k1: int
+    k2: int
+    lambda_value: float
+    qe: int
+    qe_alpha: float
+    dba: int
+    candidates: int | None = Field(None, description="gallery images re-ranked per query")
 
 
 class Animal(BaseModel):
@@ -266,11 +272,12 @@ class Animal(BaseModel):
     query_images: int
     decision: Literal["match", "new", "uncertain", "species-only"] = Field(
         description="species-only: no re-ID model for its species, species unknown, or its box too small")
-    best_score: float | None
+    best_score: float | None = Field(description="the first candidate's cosine, which the thresholds apply to")
     candidates: list[Candidate]
     note: str | None = None
     model: str | None = Field(None, description="the model that embedded it (weights, preprocessing, TTA, crops)")
     thresholds: Thresholds | None = None
+    rerank: Rerank | None = None
     gallery_size: int = Field(0, description="images in its species' gallery")
 
 
@@ -300,6 +307,7 @@ class ModelOut(BaseModel):
     tta: str
     embedding_dim: int
     thresholds: Thresholds
+    rerank: Rerank
 
 
 class ReadyBrief(BaseModel):

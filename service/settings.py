@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from reid.errors import ConfigError, ReidError
+from reid.identify.decision import DEFAULT_THRESHOLDS
+from reid.identify.photos import PhotoLimits
 
 ENV_VAR = "WILDREID_SERVICE_SETTINGS"
 MB = 1024 * 1024
@@ -41,7 +43,8 @@ class Settings(BaseModel):
                                                               "(else 408)")
     body_deadline_s: float = Field(600.0, gt=0, description="a request body must be complete this long after the "
                                                            "request begins (else 408)")
-    max_pixels: int = Field(50_000_000, ge=1, description="largest width x height of an upload (decompression bombs)")
+    max_pixels: int = Field(PhotoLimits.max_pixels, ge=1,
+                            description="largest width x height of an upload (decompression bombs)")
     max_images_per_request: int = Field(10, ge=1)
     # decoding memory (service/budget.py): 32 clients sending 10 bomb-sized PNGs each stay within about
     # decode_budget_bytes above idle, and a photo too large for these is a 413 that names the limit
@@ -51,17 +54,31 @@ class Settings(BaseModel):
                                                                          "take decoded (each photo's decode and "
                                                                          "what the request keeps of them)")
     decode_wait_s: float = Field(120.0, gt=0, description="longest wait for room in decode_budget_bytes (then 503)")
-    max_decoded_pixels: int = Field(12_000_000, ge=1, description="photos that boxes are cut from are kept at no "
-                                                                 "more pixels (decoded at a reduced scale, or "
-                                                                 "reduced); photos taken whole, at twice the "
-                                                                 "model's input size")
-    allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+    max_decoded_pixels: int = Field(PhotoLimits.max_decoded_pixels, ge=1,
+                                    description="photos that boxes are cut from are kept at no more pixels "
+                                                "(decoded at a reduced scale, or reduced); photos taken whole, "
+                                                "at twice the model's input size")
+    allowed_formats: tuple[str, ...] = PhotoLimits.allowed_formats
 
     # identification
     default_top_k: int = Field(5, ge=1)
     max_top_k: int = Field(100, ge=1)
-    match_threshold: float = Field(0.7, description="used when the checkpoint holds no calibration")
-    new_threshold: float = Field(0.5, description="used when the checkpoint holds no calibration")
+    match_threshold: float = Field(DEFAULT_THRESHOLDS["match_threshold"],
+                                   description="used when the checkpoint holds no calibration")
+    new_threshold: float = Field(DEFAULT_THRESHOLDS["new_threshold"],
+                                 description="used when the checkpoint holds no calibration")
+    rerank: Literal["checkpoint", "settings", "off"] = Field(
+        "checkpoint", description="re-ranking of each species' candidates: what `reid calibrate` chose for its "
+                                  "checkpoint (plain cosine when it chose none), the rerank_* settings below for "
+                                  "every species, or off")
+    rerank_k1: int = Field(20, ge=1, description="k-reciprocal k1 (with rerank: settings)")
+    rerank_k2: int = Field(6, ge=1, description="k-reciprocal k2, local query expansion (with rerank: settings)")
+    rerank_lambda: float = Field(0.3, ge=0, le=1, description="weight of the cosine distance against the Jaccard "
+                                                              "distance (with rerank: settings)")
+    rerank_qe: int = Field(0, ge=0, description="alpha query expansion over this many neighbours, 0: none "
+                                                "(with rerank: settings)")
+    rerank_qe_alpha: float = Field(3.0, ge=0, description="alpha of the query expansion")
+    rerank_candidates: int = Field(100, ge=1, le=10_000, description="gallery images re-ranked per query")
     index_kind: Literal["flat", "hnsw", "auto"] = "flat"
     ann_threshold: int = Field(200_000, ge=1, description="with index_kind auto, larger galleries get HNSW")
 
@@ -122,6 +139,17 @@ class Settings(BaseModel):
                                 min_size=self.min_crop_px, square=self.crop_square)
         except ReidError as exc:  # a threshold out of range
             raise ValueError(str(exc)) from None
+
+    def rerank_options(self):
+        """The re-ranking the rerank_* settings describe (used with rerank: settings)."""
+        from reid.evaluation.evaluate import RerankOptions
+
+        return RerankOptions(qe=self.rerank_qe, qe_alpha=self.rerank_qe_alpha, k_reciprocal=True, k1=self.rerank_k1,
+                             k2=self.rerank_k2, lambda_value=self.rerank_lambda)
+
+    def photo_limits(self) -> PhotoLimits:
+        """The limits photos are decoded within (the store's images embedded again included)."""
+        return PhotoLimits(self.max_pixels, self.max_decoded_pixels, tuple(self.allowed_formats))
 
     @property
     def url(self) -> str:

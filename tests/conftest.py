@@ -48,7 +48,7 @@ def clustered_embeddings(identities: int, per_identity: int, dim: int = 16, nois
 
 def write_checkpoint(path: Path, *overrides: str, seed: int = 0) -> Path:
     """An inference checkpoint (what `best.pt` holds) of a random-init tiny model."""
-    from reid.train.checkpoint import save_untrained
+    from reid.checkpoint import save_untrained
 
     return save_untrained(path, tiny_config(*overrides), seed)
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from reid.errors import ReidError
 from reid.io import atomic_path, write_json
-from reid.train.checkpoint import load_checkpoint, load_matching, save_checkpoint
+from reid.checkpoint import load_checkpoint, load_matching, save_checkpoint
 
 
 def test_failed_write_leaves_previous_file(tmp_path):

@@ -26,11 +26,13 @@ from reid.species.batch import (FixedSpecies, RESULT_COLUMNS, SpeciesNetFile, ad
 from reid.species.camtrap import MEDIA_COLUMNS, OBSERVATION_COLUMNS
 from reid.species.crops import CropSettings, animal_crops, embedding_model
 from reid.species.megadetector import read_megadetector
-from reid.species.routing import DEFAULT_THRESHOLDS, Router
+from reid.identify.decision import DEFAULT_THRESHOLDS
+from reid.species.routing import Router
 from reid.species.scenes import make_synthetic_scenes
-from service.images import decode_upload, store_file
+from reid.identify.photos import decode_upload
+from reid.store import store_file
 from service.settings import Settings, build_settings
-from service.store import NewImage, Store
+from reid.store import NewImage, Store
 from tests.conftest import write_checkpoint
 
 CAT, ANTELOPE = "spotted-cat", "striped-antelope"
@@ -46,7 +48,7 @@ def enroll(store_dir: Path, name: str, species: str, crops: list[np.ndarray], em
         buffer = io.BytesIO()
         Image.fromarray(crop).save(buffer, format="PNG")  # lossless: the stored file is the crop
         upload = decode_upload(buffer.getvalue(), 0, f"{name}.png", settings.max_pixels, settings.allowed_formats)
-        rows.append(NewImage(upload.sha256, store_file(settings.store_dir, upload), upload.media_type, upload.width,
+        rows.append(NewImage(upload.sha256, store_file(settings.store_dir, upload.relpath, upload.data, upload.sha256), upload.media_type, upload.width,
                              upload.height, len(upload.data), vector, upload.filename))
     store = Store(settings.url)
     try:
@@ -275,7 +277,7 @@ def test_folder_without_detections_names_suffixes_mtimes_and_failures(world):
     assert rows.loc["site/CAMX/b.Png", "decision"] == "species-only"
     assert "no re-ID model for species 'zebra'" in rows.loc["site/CAMX/b.Png", "note"]
     assert rows.loc["site/CAMX/broken.jpg", "decision"] == "failed"
-    assert "cannot read image" in rows.loc["site/CAMX/broken.jpg", "note"]
+    assert "is not an image" in rows.loc["site/CAMX/broken.jpg", "note"]
     assert rows.loc["site/CAMX/b.Png", "datetime_source"] == "mtime"
     # encounters are named after the camera folder
     assert result.rows["encounter"].str.startswith("site/CAMX-E").all()

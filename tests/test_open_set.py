@@ -6,7 +6,8 @@ import pytest
 
 from reid.evaluation.calibration import oof_thresholds
 from reid.evaluation.metrics import pair_auc, rank_queries
-from reid.evaluation.open_set import calibrate_thresholds, decide, open_set_metrics
+from reid.evaluation.open_set import calibrate_thresholds, open_set_metrics
+from reid.identify.decision import decide
 from tests.conftest import clustered_embeddings
 
 

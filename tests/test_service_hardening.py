@@ -491,7 +491,7 @@ def bomb_png() -> bytes:
 
 def test_a_whole_photo_is_kept_small_and_its_decode_reserved_then_handed_back(bomb_png):
     from service.budget import MemoryBudget
-    from service.images import decode_upload
+    from reid.identify.photos import decode_upload
 
     budget = MemoryBudget(200 * MB, 100 * MB, wait_s=5)
     lease = budget.lease()
@@ -512,7 +512,7 @@ def test_the_decoding_budget_bounds_concurrent_decodes_and_refuses_what_never_fi
     import time
 
     from service.budget import DecodingBusy, MemoryBudget
-    from service.errors import PayloadTooLarge
+    from reid.errors import TooLarge
 
     budget = MemoryBudget(100, 60, wait_s=10)
     peak, lock = [0], threading.Lock()
@@ -533,7 +533,7 @@ def test_the_decoding_budget_bounds_concurrent_decodes_and_refuses_what_never_fi
         t.join()
     assert peak[0] <= 100 and budget.used == 0  # two decodes at a time at most: 3 x 40 > 100
     lease = budget.lease()
-    with pytest.raises(PayloadTooLarge, match="request_decode_budget_bytes"):
+    with pytest.raises(TooLarge, match="request_decode_budget_bytes"):
         with lease.decoding(61, "images[0]"):
             pass
     budget.wait_s = 0.2

@@ -231,7 +231,7 @@ def test_a_box_is_cut_from_the_full_resolution_photo(world, client):
     import numpy as np
     from PIL import Image
 
-    from service.store import blob_to_vector
+    from reid.store import blob_to_vector
     from service.testing import encode
 
     rng = np.random.default_rng(5)
@@ -263,3 +263,30 @@ def test_identify_batch_reads_what_the_service_enrolled_without_embedding_again(
     for identity, info in enrolled.items():
         row = rows[(rows.file == info["file"]) & (rows.detection == info["detection"])].iloc[0]
         assert (row.decision, int(row.individual_id)) == ("match", info["id"]) and float(row.score) >= 0.9999
+
+
+def test_identify_batch_and_the_service_give_the_same_answers(world, client, enrolled, tmp_path):
+    """One identification core: for every animal of the frames, identify-batch and /v1/identify name the same
+    individual with the same score and decision. The routes file of the batch run writes the species in
+    another case ("Spotted-Cat"): it still finds the store's spotted-cat gallery."""
+    from reid.species.batch import SpeciesNetFile, identify_batch
+    from reid.species.routing import Router
+    from tests.test_identify_batch import speciesnet_file
+
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(f"species:\n  Spotted-Cat: {world['root'] / 'cat.pt'}\n  ' Striped-Antelope': "
+                      f"{world['root'] / 'antelope.pt'}\n")
+    species = SpeciesNetFile(speciesnet_file(tmp_path / "speciesnet.json", world["truth"]), world["images"])
+    result = identify_batch(world["images"], tmp_path / "results.csv", Router.from_file(routes),
+                            client.app.state.service.settings.store_dir, species_source=species,
+                            detections=world["images"].parent / "detections.json", progress=False)
+    identified = result.rows[result.rows.decision.isin(["match", "uncertain", "new"])]
+    assert len(identified) >= 10 and set(identified.species) == {CAT, ANTELOPE}
+    for row in identified.itertuples():
+        box = f"{row.x},{row.y},{row.w},{row.h}"
+        r = client.post("/v1/identify", data={"species": row.species, "bbox": box}, files=[frame(world, row.file)])
+        assert r.status_code == 200, r.text
+        (animal,) = r.json()["animals"]
+        assert animal["decision"] == row.decision
+        assert animal["candidates"][0]["individual_id"] == int(row.individual_id)
+        assert animal["best_score"] == pytest.approx(float(row.score), abs=2e-6)

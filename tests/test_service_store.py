@@ -17,14 +17,15 @@ import pytest
 from PIL import Image
 
 from service.batching import MicroBatcher, ModelRunner
-from service.errors import ApiError, Conflict, InvalidInput, PayloadTooLarge
-from service.gallery import Galleries
-from service.images import decode_upload, parse_bbox
-from service.store import NewImage, Store, normalise_url
+from reid.errors import Conflict, InvalidInput, RequestError, TooLarge
+from service.errors import status_of
+from reid.identify.gallery import Galleries, Layout
+from reid.identify.photos import decode_upload, parse_bbox
+from reid.store import NewImage, Store, normalise_url
 from service.testing import encode, noise_image, png_with_dimensions, truncated
 
 DIM = 8
-LAYOUT = lambda species: ("m", DIM)  # noqa: E731 - every species: model 'm'
+LAYOUT = lambda species: Layout("m", DIM)  # noqa: E731 - every species: model 'm'
 LOCAL_POSTGRES = "postgresql+psycopg://postgres:postgres@127.0.0.1:5432/postgres"
 
 
@@ -40,7 +41,7 @@ def image(seed: int) -> NewImage:
 def searchable(galleries: Galleries) -> dict[int, int]:
     """image id -> individual id of everything the galleries can return."""
     with galleries.lock:
-        return {image_id: owner for g in galleries.by_species.values() for image_id, owner in g.owner.values()}
+        return {image_id: owner for g in galleries.by_species.values() for image_id, owner in g.owner.items()}
 
 
 def truth(store: Store) -> dict[int, int]:
@@ -262,10 +263,10 @@ def test_decode_refuses_bad_files():
     cases = [(b"", "empty_file"), (b"GIF89a not really", "not_an_image"), (truncated(jpeg), "corrupt_image"),
              (png_with_dimensions(60_000, 60_000), "too_many_pixels"), (encode(noise_image(1), "GIF"), "unsupported_format")]
     for data, code in cases:
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(RequestError) as info:
             decode(data)
-        assert info.value.code == code and 400 <= info.value.status < 500
-    with pytest.raises(PayloadTooLarge):
+        assert info.value.code == code and 400 <= status_of(info.value) < 500
+    with pytest.raises(TooLarge):
         decode(encode(noise_image(2, 64)), max_pixels=64 * 63)
     drafted = decode(encode(noise_image(2, 256)), draft=64)
     assert 64 <= drafted.array.shape[1] < 256  # reduced-scale decoding stays >= draft

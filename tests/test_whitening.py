@@ -11,7 +11,7 @@ from reid.errors import ConfigError
 from reid.evaluation.metrics import retrieval_metrics
 from reid.model.build import build_model
 from reid.model.whitening import PooledFeatures, learned_whitening, load_into_neck
-from reid.train.checkpoint import load_checkpoint
+from reid.checkpoint import load_checkpoint
 from reid.train.trainer import FoldTrainer
 from tests.conftest import tiny_config
 

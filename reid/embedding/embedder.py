@@ -18,10 +18,9 @@ from reid.data.dataset import ReIDDataset
 from reid.data.transforms import build_transforms
 from reid.embedding.compute import compute_embeddings, embed_batch, iter_embeddings
 from reid.embedding.tta import check_tta
-from reid.errors import ReidError
-from reid.evaluation.open_set import stored_thresholds
+from reid.identify.decision import stored_thresholds
 from reid.model.build import ReIDModel, build_model
-from reid.train.checkpoint import load_checkpoint
+from reid.checkpoint import load_inference
 
 
 def default_device() -> torch.device:
@@ -59,10 +58,7 @@ class Embedder:
         """The model of a training checkpoint (best.pt or last.pt), built offline from its config.
 
         `tta` None takes the TTA `reid calibrate` chose for the checkpoint (none when uncalibrated)."""
-        state = load_checkpoint(path)
-        if "model" not in state or "config" not in state or "preprocessing" not in state:
-            raise ReidError(f"'{path}' is not a reid training checkpoint (it lacks model, config or preprocessing); "
-                            "use the best.pt of a `reid train` or `reid cv` run")
+        state = load_inference(path)
         cfg = copy.deepcopy(state["config"])
         # the checkpoint holds every weight: nothing to download or read besides it
         cfg["model"].update(pretrained=False, weights=None)

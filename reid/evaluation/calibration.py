@@ -18,7 +18,7 @@ from reid.evaluation.metrics import rank_queries
 from reid.evaluation.open_set import calibrate_thresholds
 from reid.evaluation.postprocessing import choose
 from reid.io import write_json
-from reid.train.checkpoint import load_checkpoint, save_checkpoint
+from reid.checkpoint import record_calibration
 
 
 def oof_thresholds(embeddings: np.ndarray, identities: np.ndarray, encounters: np.ndarray,
@@ -79,9 +79,6 @@ def calibrate_run(run: str | Path, precision: float = 0.95, progress: bool = Tru
     thresholds = oof_thresholds(by_tta[chosen["tta"]], identities, encounters, precision)
     thresholds["source"] = str(oof)
     for path in checkpoints:
-        state = load_checkpoint(path)
-        state["calibration"] = thresholds
-        state["postprocessing"] = chosen
-        save_checkpoint(path, state)
+        record_calibration(path, thresholds, chosen)
     write_json(run / "calibration.json", {**thresholds, "postprocessing": chosen})
     return {**thresholds, "postprocessing": chosen}, checkpoints

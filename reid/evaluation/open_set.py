@@ -59,20 +59,3 @@ def calibrate_thresholds(top_scores: np.ndarray, top_correct: np.ndarray, known:
         new = match = (new + match) / 2
     return {"match_threshold": match, "new_threshold": new, "precision": precision,
             "queries": int(scores.size), "new_queries": int(is_new.sum())}
-
-
-def stored_thresholds(calibration) -> dict | None:
-    """The match / new thresholds of a checkpoint's `calibration` entry, or None when it has none."""
-    if isinstance(calibration, dict) and {"match_threshold", "new_threshold"} <= calibration.keys():
-        return {"match_threshold": float(calibration["match_threshold"]),
-                "new_threshold": float(calibration["new_threshold"])}
-    return None
-
-
-def decide(score: float, thresholds: dict) -> str:
-    """`match`, `new` or `uncertain` for a best score."""
-    if score >= thresholds["match_threshold"]:
-        return "match"
-    if score < thresholds["new_threshold"]:
-        return "new"
-    return "uncertain"

@@ -67,3 +67,11 @@ def database_augmentation(gallery_emb: np.ndarray, n: int = 5, alpha: float = 3.
     others[others.all(axis=1), -1] = False
     similarities, neighbours = similarities[others].reshape(-1, n), neighbours[others].reshape(-1, n)
     return _expanded(gallery, gallery, similarities, neighbours, alpha)
+
+
+def expand_with_neighbours(query: np.ndarray, neighbours: np.ndarray, similarities, alpha: float = 3.0) -> np.ndarray:
+    """αQE of one query from its nearest gallery vectors already found (a service's search):
+    normalise(q + sum of max(sim, 0)^alpha · g), float32 (dim,)."""
+    neighbours = np.asarray(neighbours, dtype=np.float32)
+    similarities = np.asarray(similarities, dtype=np.float32)[None, :]
+    return _expanded(query[None, :], neighbours, similarities, np.arange(len(neighbours))[None, :], alpha)[0]

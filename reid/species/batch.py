@@ -206,6 +206,7 @@ class RunDetector:
         else:
             self.detector = WholeImageDetector()
         self.weights = str(Path(weights).resolve()) if weights else None
+        self.whole = not weights  # each photo is its one animal, taken whole
 
     def detect(self, file: str, image):
         from reid.species.detector import detection_rows
@@ -223,7 +224,7 @@ class FixedSpecies:
     def __init__(self, name: str):
         self.name = name.strip()
 
-    def species(self, items: list["Animal"]) -> list[tuple[str, float | None]]:
+    def species(self, items: list[AnimalRow]) -> list[tuple[str, float | None]]:
         return [(self.name, None)] * len(items)
 
     def describe(self) -> dict:
@@ -242,7 +243,7 @@ class SpeciesNetFile:
         self.options = {"file": str(self.path.resolve()), "naming": naming, "threshold": threshold,
                         "sha256": hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]}
 
-    def species(self, items: list["Animal"]) -> list[tuple[str, float | None]]:
+    def species(self, items: list[AnimalRow]) -> list[tuple[str, float | None]]:
         from reid.errors import ReidError
         from reid.species.speciesnet import UNKNOWN
 
@@ -271,7 +272,7 @@ class ClassifierSpecies:
     def cut(self, image, box):
         return self.classifier.cut(image, box)
 
-    def species(self, items: list["Animal"]) -> list[tuple[str, float | None]]:
+    def species(self, items: list[AnimalRow]) -> list[tuple[str, float | None]]:
         if not items:
             return []
         names, scores = self.classifier.predict([item.species_crop for item in items])
@@ -283,118 +284,132 @@ class ClassifierSpecies:
 
 # ------------------------------------------------------------------------------------ galleries
 @dataclass
-class Animal:
-    """A confident animal detection of a photo in the chunk being processed."""
+class AnimalRow:
+    """An animal of a photo in the chunk being processed, and its result row being filled."""
     file: str
     row: dict
-    box: tuple[float, float, float, float]
-    crop: object | None          # the re-ID crop (None: too small)
+    animal: object               # reid.identify.animals.Animal (one view)
     species_crop: object | None = None
     notes: list[str] = field(default_factory=list)
 
 
 class StoreGalleries:
-    """Read-only galleries of the store, one per routed species, built when first searched."""
+    """Read-only galleries of the store (reid.identify.gallery), one per routed species, built at start.
 
-    def __init__(self, store_dir: Path, database_url: str | None, species: list[str], stale: str,
-                 timings: Timings, crop_settings):
+    Images another model embedded are embedded again here, in memory, by the one routine the service
+    uses at start (reid.identify.reembed); the store is not written."""
+
+    def __init__(self, store_dir: Path, database_url: str | None, router, stale: str, timings: Timings,
+                 crop_settings, rerank: str = "checkpoint", limits=None):
         from reid.errors import ReidError
-        from service.settings import build_settings
-        from service.store import Store
+        from reid.identify.photos import PhotoLimits
+        from reid.store import Store
 
-        self.settings = build_settings(store_dir=store_dir, database_url=database_url)
-        if database_url is None and not (self.settings.store_dir / "wildreid.db").is_file():
+        self.store_dir = Path(store_dir).expanduser().absolute()
+        self.url = database_url or f"sqlite:///{self.store_dir / 'wildreid.db'}"
+        if database_url is None and not (self.store_dir / "wildreid.db").is_file():
             raise ReidError(f"no store at '{store_dir}' (it has no wildreid.db): give the --store folder of "
                             "`reid serve`, where individuals were enrolled")
-        self.store = Store(self.settings.url, create=False)
+        self.store = Store(self.url, create=False)
+        self.router, self.stale, self.timings, self.crop_settings = router, stale, timings, crop_settings
+        self.rerank, self.limits = rerank, limits or PhotoLimits()
+        self.reembedded = 0
         try:
             self.seq, rows = self.store.gallery_rows(None)
         except Exception as exc:  # noqa: BLE001 - SQLAlchemy errors of a database that is not a store
+            self.store.close()
             raise ReidError(f"cannot read the store '{store_dir}': {exc}") from None
-        wanted = set(species)
-        self.rows = [r for r in rows if r.species in wanted]
-        self.names = self.store.names({r.individual_id for r in self.rows})
-        self.stale, self.timings, self.crop_settings = stale, timings, crop_settings
-        self.galleries: dict[str, tuple] = {}
-        self.reembedded = 0
+        self._layouts: dict[str, object] = {}
+        rows = [r for r in rows if router.route(r.species) is not None]
+        self.names = self.store.names({r.individual_id for r in rows})
+        self.galleries = self._build(rows)
 
     def close(self) -> None:
         self.store.close()
 
-    def gallery(self, route):
-        """(GalleryIndex or None when the species has no image, individual id per vector id)."""
-        if route.species in self.galleries:
-            return self.galleries[route.species]
-        import numpy as np
-        import pandas as pd
-
-        from reid.errors import ReidError
-        from reid.index.gallery import GalleryIndex
+    def layout(self, species: str):
+        """What the species' gallery holds (its route's model and re-ranking), None without a route."""
+        from reid.identify.gallery import Layout, choose_rerank
+        from reid.evaluation.evaluate import RerankOptions
         from reid.species.crops import embedding_model
-        from service.store import blob_to_vector
+
+        route = self.router.route(species)
+        if route is None:
+            return None
+        if route.species not in self._layouts:
+            embedder = route.embedder
+            rerank, source = choose_rerank(self.rerank, embedder.postprocessing, RerankOptions())
+            self._layouts[route.species] = Layout(embedding_model(embedder.fingerprint, self.crop_settings),
+                                                  embedder.embedding_dim, rerank, source)
+        return self._layouts[route.species]
+
+    def _build(self, rows):
+        from reid.identify.gallery import Galleries
 
         with self.timings("setup"):
-            embedder = route.embedder
-            fingerprint = embedding_model(embedder.fingerprint, self.crop_settings)
-            route.thresholds  # noqa: B018 - reads the checkpoint's calibration now, not mid-search
-        rows = [r for r in self.rows if r.species == route.species]
-        same = [r for r in rows if r.embedding_model == fingerprint]
-        stale = [r for r in rows if r.embedding_model != fingerprint]
-        if stale and self.stale == "error":
-            models = ", ".join(sorted({r.embedding_model for r in stale}))
-            raise ReidError(f"{len(stale)} of the store's {len(rows)} '{route.species}' images were embedded by "
-                            f"model {models}, not by {route.checkpoint} (model {fingerprint}, tta {embedder.tta}); "
-                            "serve the store with that checkpoint, or use --stale-embeddings reembed")
-        vectors = [blob_to_vector(r.embedding) for r in same]
+            for species in {r.species for r in rows}:
+                self.layout(species)  # loads each checkpoint (and its calibration) now, not mid-search
         with self.timings("embedding"):
-            vectors += list(self._reembed(stale, embedder))
-        rows = same + stale
-        index = None
-        if rows:
-            index = GalleryIndex(embedder.embedding_dim, "flat")
-            index.add(np.stack(vectors), pd.DataFrame({"image_id": [r.image_id for r in rows]}))
-        self.galleries[route.species] = index, np.array([r.individual_id for r in rows], dtype=np.int64)
-        return self.galleries[route.species]
+            rows = self._current(rows)
+        with self.timings("search"):
+            galleries = Galleries(self.store, self.layout)
+            galleries.rebuild(rows, self.seq)
+        return galleries
 
-    def _reembed(self, rows, embedder):
-        """The stored images' files embedded by `embedder`, as service.core.Service.reembed_stale does it."""
-        import numpy as np
-
+    def _current(self, rows):
+        """The rows with this run's models' vectors: stale ones embedded again (or refused)."""
         from reid.errors import ReidError
-        from service.images import decode_upload, parse_bbox
+        from reid.identify.reembed import reembed_stale, stored_view
+        from reid.store import GalleryRow, vector_to_blob
 
-        arrays = []
-        for row in rows:
-            image = self.store.get_image(row.image_id)
-            box = parse_bbox(image["bbox"]) if image["bbox"] else None
-            try:
-                data = (self.settings.store_dir / image["path"]).read_bytes()
-                # a box is cut from the photo kept at up to max_decoded_pixels, as the service cuts it
-                upload = decode_upload(data, 0, image["path"], self.settings.max_pixels, self.settings.allowed_formats,
-                                       None if box else 2 * embedder.image_size, self.settings.max_decoded_pixels)
-            except (OSError, ReidError) as exc:
-                raise ReidError(f"cannot embed stored image {row.image_id} ({image['path']}) with this model: "
-                                f"{exc}") from None
-            arrays.append(self.crop_settings.cut(upload.array, box) if box else upload.array)
-        self.reembedded += len(arrays)
-        chunks = [embedder.embed_images(arrays[i:i + embedder.batch_size])
-                  for i in range(0, len(arrays), embedder.batch_size)]
-        return np.concatenate(chunks) if chunks else np.zeros((0, embedder.embedding_dim), np.float32)
+        stale = [r for r in rows if r.embedding_model != self.layout(r.species).stamp]
+        if not stale:
+            return rows
+        if self.stale == "error":
+            species = stale[0].species
+            route, layout = self.router.route(species), self.layout(species)
+            of_species = [r for r in stale if r.species == species]
+            models = ", ".join(sorted({r.embedding_model for r in of_species}))
+            raise ReidError(f"{len(of_species)} of the store's {sum(r.species == species for r in rows)} '{species}' "
+                            f"images were embedded by model {models}, not by {route.checkpoint} (model "
+                            f"{layout.stamp}, tta {route.embedder.tta}); serve the store with that checkpoint, or use "
+                            "--stale-embeddings reembed")
+        fresh: dict[int, bytes] = {}
+        for species in sorted({r.species for r in stale}):
+            embedder = self.router.route(species).embedder
+
+            def view(row: dict):
+                array = stored_view(self.store_dir, row, self.crop_settings, self.limits, embedder.image_size)
+                if array is None:
+                    raise ReidError(f"cannot embed stored image {row['id']} ({row['path']}) with this model: its file "
+                                    "is missing, corrupt or undecodable (see the log)")
+                return array
+
+            def keep(vectors: dict) -> None:
+                fresh.update({image_id: vector_to_blob(vector) for image_id, vector in vectors.items()})
+
+            done, _ = reembed_stale(self.store, species, self.layout(species).stamp, embedder.embed_images, view, keep,
+                                    embedder.batch_size)
+            self.reembedded += done
+        return [GalleryRow(r.image_id, r.species, r.individual_id, fresh[r.image_id], self.layout(r.species).stamp,
+                           r.visible) if r.image_id in fresh else r for r in rows]
+
+    def identify(self, species: str, vector, thresholds: dict):
+        from reid.identify.identify import identify
+
+        return identify(self.galleries, self.router.route(species).species, vector[None, :], thresholds, top_k=1)
+
+    def size(self, species: str) -> int:
+        return self.galleries.sizes().get(self.router.route(species).species, 0)
 
 
 def _preload() -> None:
     """Import what the run needs up front, so the stage timings do not include import time."""
-    import reid.data.dataset  # noqa: F401
-    import reid.evaluation.open_set  # noqa: F401
-    import reid.index.gallery  # noqa: F401
+    import reid.identify.animals  # noqa: F401
+    import reid.identify.gallery  # noqa: F401
+    import reid.identify.identify  # noqa: F401
     import reid.species.crops  # noqa: F401
-    import service.images  # noqa: F401
     import tqdm.auto  # noqa: F401
-
-
-def _score(value: float) -> float:
-    """A cosine similarity as the service answers it."""
-    return round(min(1.0, max(-1.0, float(value))), 6)
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -430,7 +445,7 @@ class BatchRun:
                  species_source=None, detections: str | Path | None = None, detector: RunDetector | None = None,
                  crop_settings=None, gap_seconds: float = 120.0, database_url: str | None = None,
                  stale: str = "reembed", chunk: int = 8, progress: bool = True, restart: bool = False,
-                 on_image: Callable[[str, int], None] | None = None):
+                 on_image: Callable[[str, int], None] | None = None, rerank: str = "checkpoint"):
         from reid.errors import ReidError
         from reid.species.crops import CropSettings
 
@@ -466,8 +481,10 @@ class BatchRun:
             self.detector = None if self.detections else (detector or RunDetector())
         with self.timings("setup"):
             _preload()
-            self.galleries = StoreGalleries(Path(store), database_url, router.species, stale, self.timings,
-                                            self.crop_settings)
+            self.galleries = StoreGalleries(Path(store), database_url, router, stale, self.timings,
+                                            self.crop_settings, rerank)
+            # photos taken whole are decoded down to twice the largest input of the routed models
+            self.draft_size = 2 * max(r.embedder.image_size for r in router.routes.values())
         self.partial = self.out.with_name(self.out.name + ".partial")
 
     # ------------------------------------------------------------------ options and the .partial file
@@ -476,7 +493,8 @@ class BatchRun:
                          "match_threshold": r.match_threshold, "new_threshold": r.new_threshold}
                   for name, r in self.router.routes.items()}
         s = self.crop_settings
-        return {"images": str(self.images.resolve()), "routes": routes, "store": self.galleries.settings.url,
+        return {"images": str(self.images.resolve()), "routes": routes, "store": self.galleries.url,
+                "rerank": {name: self.galleries.layout(name).rerank.describe() for name in self.router.routes},
                 "species": self.species_source.describe(),
                 "detections": self.detections.describe() if self.detections else self.detector.describe(),
                 "gap_seconds": self.gap_seconds,
@@ -590,33 +608,42 @@ class BatchRun:
     def _process(self, photos: list[Photo]) -> dict[str, list]:
         """Result rows (lists in RESULT_COLUMNS order) of each photo of a chunk."""
         out: dict[str, list[dict]] = {}
-        animals: list[Animal] = []
+        animals: list[AnimalRow] = []
         for photo in photos:
             out[photo.file] = self._photo_rows(photo, animals)
         with self.timings("species"):
             named = self.species_source.species(animals)
-        by_species: dict[str, list[Animal]] = {}
-        for animal, (species, score) in zip(animals, named):
-            animal.row.update(species=species, species_score=_round(score, 6))
+        by_species: dict[str, list[AnimalRow]] = {}
+        for item, (species, score) in zip(animals, named):
+            item.row.update(species=species, species_score=_round(score, 6))
             route = self.router.route(species)
             if route is None:
-                animal.notes.append(f"no re-ID model for species '{species}'")
-            elif animal.crop is None:
-                animal.notes.append(f"box under {self.crop_settings.min_size} px: too small to re-identify")
+                item.notes.append(f"no re-ID model for species '{species}'")
+            elif item.animal.too_small:
+                item.notes.append(f"box under {self.crop_settings.min_size} px: too small to re-identify")
             else:
-                by_species.setdefault(species, []).append(animal)
+                by_species.setdefault(route.species, []).append(item)
                 continue
-            animal.row["decision"] = "species-only"
+            item.row["decision"] = "species-only"
         for species, members in by_species.items():
             self._identify(self.router.route(species), members)
-        for animal in animals:
-            animal.row["note"] = "; ".join(animal.notes)
+        for item in animals:
+            item.row["note"] = "; ".join(item.notes)
         return {file: [[row[c] for c in RESULT_COLUMNS] for row in rows] for file, rows in out.items()}
 
-    def _photo_rows(self, photo: Photo, animals: list[Animal]) -> list[dict]:
-        from reid.data.dataset import read_image
-        from reid.errors import DataError
-        from reid.species.crops import HUMAN_CATEGORIES, animal_crops, confident
+    def _decode(self, photo: Photo, whole: bool):
+        """The photo as the service decodes an upload (reid.identify.photos): whole, down to twice the
+        models' input; else kept at up to max_decoded_pixels for its boxes to be cut from."""
+        from reid.identify.photos import decode_upload
+
+        limits = self.galleries.limits
+        return decode_upload(photo.path.read_bytes(), None, photo.file, limits.max_pixels, limits.allowed_formats,
+                             self.draft_size if whole else None, limits.max_decoded_pixels)
+
+    def _photo_rows(self, photo: Photo, animals: list[AnimalRow]) -> list[dict]:
+        from reid.errors import ReidError
+        from reid.identify.animals import detected_animals, given_animals
+        from reid.species.crops import HUMAN_CATEGORIES, confident
 
         base = {c: "" for c in RESULT_COLUMNS}
         base.update(file=photo.file, detection=-1, encounter=photo.encounter, camera=photo.camera,
@@ -629,11 +656,13 @@ class BatchRun:
             failure = next((f for f in detections["failure"] if f), "")
             if failure:
                 return [{**base, "decision": "failed", "note": f"detector: {failure}"}]
+        whole = detections is None and self.detector.whole
         with self.timings("io"):
             try:
-                image = read_image(str(photo.path))
-            except DataError as exc:
+                upload = self._decode(photo, whole)
+            except (OSError, ReidError) as exc:
                 return [{**base, "decision": "failed", "note": str(exc)}]
+        image = upload.array
         if detections is None:
             with self.timings("detection"):
                 detections = self.detector.detect(photo.file, image)
@@ -641,19 +670,22 @@ class BatchRun:
         if kept.empty:
             return [{**base, "decision": "blank"}]
         with self.timings("io"):
-            crops = {c.detection: c.image for c in animal_crops(image, kept, self.crop_settings)}
+            if whole:  # the photo is the animal, taken whole as the service takes a photo without boxes
+                found, _ = given_animals([upload], [[(0, None)]], self.crop_settings)
+            else:
+                found, _ = detected_animals([upload], [kept], self.crop_settings, "detections", fuse=False)
+        found = iter(found)
         rows = []
         for det in kept.itertuples():
             row = {**base, "detection": int(det.detection), "category": det.category, "conf": _round(det.conf, 3),
                    "x": _round(det.x, 4), "y": _round(det.y, 4), "w": _round(det.w, 4), "h": _round(det.h, 4)}
             rows.append(row)
             if det.category == "animal":
-                box = (det.x, det.y, det.w, det.h)
-                animal = Animal(photo.file, row, box, crops.get(int(det.detection)))
+                item = AnimalRow(photo.file, row, next(found))
                 if isinstance(self.species_source, ClassifierSpecies):
                     with self.timings("species"):
-                        animal.species_crop = self.species_source.cut(image, box)
-                animals.append(animal)
+                        item.species_crop = self.species_source.cut(image, (det.x, det.y, det.w, det.h))
+                animals.append(item)
             elif det.category in HUMAN_CATEGORIES:
                 row.update(decision="human", species="human")
             elif det.category == "vehicle":
@@ -662,30 +694,26 @@ class BatchRun:
                 row.update(decision="species-only", note=f"detection category '{det.category}'")
         return rows
 
-    def _identify(self, route, animals: list[Animal]) -> None:
+    def _identify(self, route, items: list[AnimalRow]) -> None:
         import numpy as np
 
-        from reid.evaluation.open_set import decide
-
-        index, owners = self.galleries.gallery(route)
         embedder = route.embedder
         with self.timings("embedding"):
-            crops = [a.crop for a in animals]
+            crops = [item.animal.views[0].crop for item in items]
             vectors = np.concatenate([embedder.embed_images(crops[i:i + embedder.batch_size])
                                       for i in range(0, len(crops), embedder.batch_size)])
-        thresholds = route.thresholds
         with self.timings("search"):
-            if index is None:
-                for animal in animals:
-                    animal.row.update(decision="new", model=embedder.fingerprint)
-                    animal.notes.append(f"no '{route.species}' individual in the store")
+            if self.galleries.size(route.species) == 0:
+                for item in items:
+                    item.row.update(decision="new", model=embedder.fingerprint)
+                    item.notes.append(f"no '{route.species}' individual in the store")
                 return
-            scores, ids = index.search(vectors, 1)
-            for animal, score, vector_id in zip(animals, scores[:, 0], ids[:, 0]):
-                individual = int(owners[int(vector_id)])
-                score = _score(score)
-                animal.row.update(individual_id=individual, individual_name=self.galleries.names.get(individual, ""),
-                                  score=score, decision=decide(score, thresholds), model=embedder.fingerprint)
+            for item, vector in zip(items, vectors):
+                result = self.galleries.identify(route.species, vector, route.thresholds)
+                best = result.candidates[0]
+                item.row.update(individual_id=best.individual_id,
+                                individual_name=self.galleries.names.get(best.individual_id, ""),
+                                score=result.best_score, decision=result.decision, model=embedder.fingerprint)
 
 
 def _round(value, digits: int):
@@ -753,6 +781,9 @@ def add_identify_batch_parser(subparsers) -> dict:
                    help="TTA of --checkpoint (default: what `reid calibrate` chose for it, else none)")
     p.add_argument("--store", required=True, help="store folder of `reid serve` (read only)")
     p.add_argument("--database-url", help="the store's database URL when it is not STORE/wildreid.db")
+    p.add_argument("--rerank", choices=["checkpoint", "off"], default="checkpoint",
+                   help="re-ranking of the candidates: what `reid calibrate` chose for each checkpoint (default; "
+                        "plain cosine when it chose none), or off")
     p.add_argument("--stale-embeddings", choices=["reembed", "error"], default="reembed",
                    help="store images embedded by another model: embed them again here (default) or stop")
     p.add_argument("--out", required=True, help="results CSV (progress is kept in OUT.partial until done)")
@@ -807,7 +838,7 @@ def build_run_options(args: argparse.Namespace) -> dict:
                 detections=args.detections, detector=detector, crop_settings=settings, gap_seconds=args.gap_seconds,
                 database_url=args.database_url, stale=args.stale_embeddings, chunk=args.batch_images,
                 progress=not args.no_progress, restart=args.restart, export=args.export, export_dir=args.export_dir,
-                utc_offset=args.utc_offset)
+                utc_offset=args.utc_offset, rerank=args.rerank)
 
 
 def _valid_offset(text: str) -> bool:
@@ -852,20 +883,19 @@ def enroll_ground_truth(scenes: str | Path, store: str | Path, router, per_indiv
 
     from reid.data.dataset import read_image
     from reid.errors import ReidError
+    from reid.identify.photos import PhotoLimits, decode_upload
     from reid.species.crops import CropSettings, animal_crops, embedding_model
     from reid.species.megadetector import detection_table, read_megadetector
-    from service.images import decode_upload, store_file
-    from service.settings import build_settings
-    from service.store import NewImage, Store
+    from reid.store import NewImage, Store, store_file
 
-    settings = build_settings(store_dir=store)
+    store_dir, limits = Path(store).expanduser().absolute(), PhotoLimits()
     crop_settings = crop_settings or CropSettings()
     truth = pd.read_csv(Path(scenes) / "ground_truth.csv", keep_default_na=False)
     # boxes as detections.json has them (MegaDetector's 4-digit rounding), which identify-batch reads:
     # the CSV's unrounded boxes can give crops a pixel off
     boxes = read_megadetector(Path(scenes) / "detections.json").set_index(["file", "detection"])
     animals = truth[truth["category"] == "animal"]
-    db = Store(settings.url)
+    db = Store(f"sqlite:///{store_dir / 'wildreid.db'}")
     enrolled = {}
     try:
         for identity, rows in animals.groupby("identity", sort=True):
@@ -891,9 +921,9 @@ def enroll_ground_truth(scenes: str | Path, store: str | Path, router, per_indiv
             for crop, file, vector in zip(crops, files, vectors):
                 buffer = io.BytesIO()
                 Image.fromarray(crop).save(buffer, format="PNG")
-                upload = decode_upload(buffer.getvalue(), 0, Path(file).name, settings.max_pixels,
-                                       settings.allowed_formats)
-                path = store_file(settings.store_dir, upload)
+                upload = decode_upload(buffer.getvalue(), 0, Path(file).name, limits.max_pixels,
+                                       limits.allowed_formats)
+                path = store_file(store_dir, upload.relpath, upload.data, upload.sha256)
                 new_images.append(NewImage(upload.sha256, path, upload.media_type, upload.width, upload.height,
                                            len(upload.data), vector, upload.filename))
             result = db.enroll(identity, species, new_images, embedding_model(route.fingerprint, crop_settings),

@@ -32,7 +32,7 @@ from reid.io import save_torch, write_jsonl
 from reid.model.build import ReIDModel, build_model, preprocessing
 from reid.species.crops import crop
 from reid.species.speciesnet import UNKNOWN
-from reid.train.checkpoint import load_checkpoint
+from reid.checkpoint import load_checkpoint
 
 CHECKPOINT_KIND = "species-classifier"
 BOX_COLUMNS = ["x", "y", "w", "h"]

@@ -5,26 +5,27 @@
       striped-antelope: {checkpoint: runs/antelope/best.pt, tta: hflip, match_threshold: 0.8}
       zebra: runs/zebra/best.pt            # shorthand for {checkpoint: ...}
 
-Relative checkpoint paths start at the routes file's folder. A species that is not listed has no
-re-ID model: its animals get a species-only answer. Each route may set `tta` (none, hflip, flip4;
-default none) and `match_threshold` / `new_threshold` (default: the checkpoint's calibration from
-`reid calibrate`, else the service's defaults). Checkpoints are loaded when a species first needs
-one, and routes that name the same checkpoint and TTA share one `Embedder`.
+Relative checkpoint paths start at the routes file's folder. Species names are compared normalised
+(reid/species/names.py: `Spotted-Cat` routes the store's `spotted-cat`). A species that is not
+listed has no re-ID model: its animals get a species-only answer. Each route may set `tta` (none,
+hflip, flip4; default none) and `match_threshold` / `new_threshold` (default: the checkpoint's
+calibration from `reid calibrate`, else the defaults; resolved by reid/identify/decision.py).
+Checkpoints are loaded when a species first needs one, and routes that name the same checkpoint
+and TTA share one `Embedder`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from reid.errors import ConfigError
+from reid.identify.decision import DEFAULT_THRESHOLDS, check_threshold, resolve_thresholds
+from reid.species.names import normalise_species
 
 TOP_KEYS = {"species"}
 ROUTE_KEYS = {"checkpoint", "tta", "match_threshold", "new_threshold"}
 TTA_CHOICES = ("none", "hflip", "flip4")
-# the service's fallbacks when a checkpoint holds no calibration (service/settings.py; a test checks they agree)
-DEFAULT_THRESHOLDS = {"match_threshold": 0.7, "new_threshold": 0.5}
 
 
 @dataclass
@@ -89,7 +90,13 @@ class Router:
         if not mapping:
             raise ConfigError(f"{self.source}: 'species' names no species; give species: {{NAME: "
                               "{checkpoint: PATH}}")
-        self.routes = {name: self._route(name, entry, base) for name, entry in mapping.items()}
+        self.routes: dict[str, Route] = {}
+        for name, entry in mapping.items():
+            route = self._route(name, entry, base)
+            if route.species in self.routes:
+                raise ConfigError(f"{self.source}: species '{name}' and another name both mean "
+                                  f"'{route.species}' (species names are compared in lower case)")
+            self.routes[route.species] = route
         self._embedders: dict[tuple[str, str], Any] = {}
         self._thresholds: dict[str, tuple[dict, str]] = {}
 
@@ -126,6 +133,10 @@ class Router:
         at = f"{self.source}: species.{name}"
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"{self.source}: species names must be non-empty strings, got {name!r}")
+        try:
+            species = normalise_species(name)
+        except ValueError as exc:
+            raise ConfigError(f"{at}: {exc}") from None
         if isinstance(entry, (str, Path)):
             entry = {"checkpoint": str(entry)}
         if not isinstance(entry, Mapping):
@@ -143,21 +154,20 @@ class Router:
         tta = entry.get("tta")
         if tta is not None and tta not in TTA_CHOICES:
             raise ConfigError(f"{at}.tta: '{tta}' is not one of {', '.join(TTA_CHOICES)}")
-        values = {}
-        for key in ("match_threshold", "new_threshold"):
-            value = entry.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value) or not -1.0 <= value <= 1.0):
-                raise ConfigError(f"{at}.{key}: must be a cosine similarity between -1 and 1, got {value!r}")
-            values[key] = None if value is None else float(value)
+        values = {key: check_threshold(entry.get(key), f"{at}.{key}") for key in ("match_threshold", "new_threshold")}
         if None not in values.values() and values["new_threshold"] > values["match_threshold"]:
             raise ConfigError(f"{at}: new_threshold {values['new_threshold']} is above match_threshold "
                               f"{values['match_threshold']}")
-        return Route(name, checkpoint, tta, values["match_threshold"], values["new_threshold"], self)
+        return Route(species, checkpoint, tta, values["match_threshold"], values["new_threshold"], self)
 
     # ------------------------------------------------------------------ lookups
-    def route(self, species: str) -> Route | None:
-        return self.routes.get(species)
+    def route(self, species: str | None) -> Route | None:
+        """The route of a species, by its normalised name; None when none serves it (or the name is not
+        one a species can have)."""
+        try:
+            return self.routes.get(normalise_species(species))
+        except ValueError:
+            return None
 
     @property
     def species(self) -> list[str]:
@@ -176,16 +186,8 @@ class Router:
 
         A route that sets only one of the two takes the other from the checkpoint or the defaults."""
         if route.species not in self._thresholds:
-            calibrated = self.embedder(route).thresholds
-            base, source = (dict(calibrated), "checkpoint") if calibrated else (dict(self.defaults), self.defaults_source)
-            own = {k: v for k, v in (("match_threshold", route.match_threshold),
-                                     ("new_threshold", route.new_threshold)) if v is not None}
-            thresholds = {**base, **own}
-            if own:
-                source = "route" if len(own) == 2 else f"route+{source}"
-            if thresholds["new_threshold"] > thresholds["match_threshold"]:
-                raise ConfigError(f"{self.source}: species.{route.species}: new_threshold "
-                                  f"{thresholds['new_threshold']} is above match_threshold "
-                                  f"{thresholds['match_threshold']} ({source})")
-            self._thresholds[route.species] = thresholds, source
+            own = {"match_threshold": route.match_threshold, "new_threshold": route.new_threshold}
+            self._thresholds[route.species] = resolve_thresholds(own, self.embedder(route).thresholds, self.defaults,
+                                                                 self.defaults_source,
+                                                                 f"{self.source}: species.{route.species}")
         return self._thresholds[route.species]

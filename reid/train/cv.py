@@ -18,7 +18,7 @@ from reid.evaluation.metrics import FLANK_SPLITS, FlankViews, chance_metrics
 from reid.io import atomic_path, write_json, write_text
 from reid.reproducibility import run_record
 from reid.train import distributed
-from reid.train.checkpoint import load_checkpoint
+from reid.checkpoint import load_checkpoint
 from reid.train.curves import cv_figure, read_history, save_figure
 from reid.train.runlock import run_lock
 from reid.train.trainer import FoldTrainer, refuse_existing_run

@@ -34,14 +34,13 @@ from reid.model.build import build_model, preprocessing
 from reid.model.whitening import PooledFeatures, check_settings as check_whitening, learned_whitening, load_into_neck
 from reid.reproducibility import rng_state, seed_everything, set_rng_state
 from reid.train import distributed
-from reid.train.checkpoint import load_checkpoint, load_matching, save_checkpoint
+from reid.checkpoint import inference_record, load_checkpoint, load_matching, save_checkpoint
 from reid.train.curves import run_figure, save_figure
 from reid.train.diagnostics import probe_rows, run_warnings
 from reid.train.early_stopping import EarlyStopping
 from reid.train.losses import ReIDLoss, TrainStep
 from reid.train.optim import backbone_layer_ids, build_optimizer, build_scheduler, param_groups
 
-CHECKPOINT_KIND = "wildreid-reid"
 
 
 class _EpochBatches:
@@ -145,34 +144,18 @@ class FoldTrainer:
         return self.out / "last.pt"
 
     def resume_state(self) -> dict:
-        return {
-            "kind": CHECKPOINT_KIND,
-            "model": self.model.state_dict(),
-            "loss": self.loss.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "early_stopping": self.stopper.state_dict(),
-            "rng": distributed.gather(rng_state(), self.ctx),
-            "epoch": self.epoch,
-            "batch": self.batch,
-            "step": self.step,
-            "history": self.history,
-            "loss_sum": self.loss_sum,
-            "loss_part_sums": self.part_sums,
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "world_size": self.ctx.world_size,
-            **self.inference_state(),
-        }
+        """last.pt: the inference record of the training weights, and all an exact resume needs."""
+        return self._record(
+            self.model, loss=self.loss.state_dict(), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
+            early_stopping=self.stopper.state_dict(), rng=distributed.gather(rng_state(), self.ctx),
+            epoch=self.epoch, batch=self.batch, step=self.step, history=self.history, loss_sum=self.loss_sum,
+            loss_part_sums=self.part_sums, ema=self.ema.state_dict() if self.ema is not None else None,
+            world_size=self.ctx.world_size)
 
-    def inference_state(self) -> dict:
-        return {
-            "config": self.cfg,
-            "identities": self.identities,
-            "class_mode": self.class_mode,
-            "preprocessing": {"image_size": self.cfg["data"]["image_size"], "mean": list(self.mean),
-                              "std": list(self.std)},
-        }
+    def _record(self, model: torch.nn.Module, **extra) -> dict:
+        return inference_record(model.state_dict(), self.cfg, self.mean, self.std, self.identities, self.class_mode,
+                                **extra)
 
     def save_last(self) -> None:
         state = self.resume_state()  # every rank takes part in gathering RNG states
@@ -407,9 +390,8 @@ class FoldTrainer:
                  f"{speed}" + ("  *best*" if improved else f"  patience left {self.stopper.patience_left}"
                                 if self.stopper.patience else ""))
         if improved and self.ctx.is_main:
-            save_checkpoint(self.out / "best.pt", {"kind": CHECKPOINT_KIND, "model": self.eval_model.state_dict(),
-                                                   "loss": self.loss.state_dict(), "epoch": self.epoch,
-                                                   "metrics": metrics, **self.inference_state()})
+            save_checkpoint(self.out / "best.pt", self._record(self.eval_model, loss=self.loss.state_dict(),
+                                                              epoch=self.epoch, metrics=metrics))
 
     def _end_epoch(self, train_stats: dict, scores: dict) -> None:
         self._record_epoch(train_stats, scores)

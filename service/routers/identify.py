@@ -8,11 +8,11 @@ from fastapi import APIRouter, Form
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from reid.errors import InvalidInput
 from service.deps import LeaseDep, ReaderDep, ServiceDep
-from service.errors import InvalidInput
 from service.forms import StrictRoute
 from service.routers.common import errors
-from service.schemas import Animal, Candidate, IdentifyForm, IdentifyResponse, PhotoOut, Thresholds
+from service.schemas import Animal, Candidate, IdentifyForm, IdentifyResponse, PhotoOut, Rerank, Thresholds
 
 router = APIRouter(prefix="/v1", tags=["identify"], route_class=StrictRoute)
 
@@ -25,8 +25,10 @@ async def identify(service: ServiceDep, caller: ReaderDep, lease: LeaseDep,
     detector finds, else each photo whole. When no photo shows more than one animal, the photos are one
     animal seen several times: their embeddings are fused (mean, normalised again) into one query. Each
     animal's species is the request's `species`, else the species classifier's, else the store's only one;
-    it is searched in that species' gallery with that species' model, and each candidate individual is
-    scored by its best gallery image. People and vehicles are counted per photo, never kept."""
+    it is searched in that species' gallery with that species' model, re-ranked as its `rerank` says (the
+    k-reciprocal re-ranking and query expansion `reid calibrate` chose for the checkpoint, by default), and
+    each candidate individual is ranked by its best gallery image; the decision applies the thresholds to the
+    first candidate's cosine. People and vehicles are counted per photo, never kept."""
     settings = service.settings
     top_k = form.top_k or settings.default_top_k
     if top_k > settings.max_top_k:
@@ -55,7 +57,8 @@ async def identify(service: ServiceDep, caller: ReaderDep, lease: LeaseDep,
             decision=result["decision"], best_score=result["best_score"],
             candidates=[Candidate(**c) for c in result["candidates"]], note=service.species_only_reason(animal),
             model=result.get("model"), gallery_size=result["gallery_size"],
-            thresholds=Thresholds(**result["thresholds"]) if "thresholds" in result else None))
+            thresholds=Thresholds(**result["thresholds"]) if "thresholds" in result else None,
+            rerank=Rerank(**result["rerank"]) if "rerank" in result else None))
     answer = IdentifyResponse(animals=out, photos=[PhotoOut(**vars(photo)) for photo in found.photos])
     # built and checked once here: returned as a model, FastAPI would validate it a second time
     return JSONResponse(answer.model_dump(mode="json"))

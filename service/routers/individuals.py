@@ -7,7 +7,7 @@ from fastapi import APIRouter, Form, Query
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import LeaseDep, ReaderDep, ServiceDep, WriterDep
-from service.errors import InvalidInput
+from reid.errors import InvalidInput
 from service.forms import StrictRoute
 from service.routers.common import IndividualId, errors, individual, summary
 from service.schemas import (LINE, MAX_ID, OPTIONAL_SPECIES_INPUT, EnrollForm, IndividualOut, IndividualPage,

@@ -1,4 +1,4 @@
-"""The animals in a request's photos, found the way `reid identify-batch` finds them.
+"""The animals in photos: one implementation for the service's requests and `reid identify-batch`.
 
 Boxes come from the request (`bbox`, or `detections` in MegaDetector's format), else from the
 detector the service runs (MegaDetector weights in its settings), else each photo is taken whole
@@ -18,12 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reid.errors import DataError
+from reid.errors import DataError, InvalidInput
 from reid.species.crops import ANIMAL, HUMAN_CATEGORIES, VEHICLE, CropSettings, confident
 from reid.species.jsoncheck import Position
 from reid.species.megadetector import image_detections
-from service.errors import InvalidInput
-from service.images import Upload, parse_bbox
+from reid.identify.photos import Upload, parse_bbox
 
 Box = tuple[float, float, float, float]
 

@@ -1,11 +1,11 @@
-"""The database of the service: the truth about individuals, images, sightings, keys and the audit log.
+"""The store's database: the truth about individuals, images, sightings, keys and the audit log.
 
 SQLAlchemy Core over SQLite (WAL, one file under the store folder) by default, or PostgreSQL by URL
 so several instances can serve one population. Every write is one transaction that first bumps
 the single-row change sequence (`meta.change_seq`): that row lock serialises writers, so sequence
 numbers commit in order, and every image row whose visibility in the gallery changed is stamped
 with the sequence of the transaction that changed it. A gallery that has applied every change up
-to N brings itself up to date by reading the image rows stamped above N (see service/gallery.py).
+to N brings itself up to date by reading the image rows stamped above N (see reid/identify/gallery.py).
 
 Each image row holds its embedding (float32 bytes) and the fingerprint of the model that made
 it, so the gallery is rebuilt from the database alone; the image files are content-addressed and
@@ -29,8 +29,7 @@ from sqlalchemy import (BigInteger, Column, ForeignKey, Index, Integer, LargeBin
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from reid.errors import ReidError
-from service.errors import Conflict, InvalidInput, NotFound
+from reid.errors import Conflict, InvalidInput, NotFound, ReidError
 
 SCHEMA_VERSION = 1
 KEY_PREFIX = "wr_"

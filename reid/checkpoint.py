@@ -1,8 +1,11 @@
-"""Checkpoints: written atomically, read with clear errors, loaded leniently across class counts.
+"""The checkpoint format, in one place: training writes it, embedding and calibration read and extend it.
 
 `last.pt` holds everything an exact resume needs (model, loss head, optimiser, scheduler, AMP
-scaler, RNG states, position in the epoch, early stopping). `best.pt` holds what inference needs:
-the model, its config and preprocessing, and the identities of the class head.
+scaler, RNG states, position in the epoch, early stopping). `best.pt` is an *inference record*
+(`inference_record`): the model, its config and preprocessing, and the identities of the class
+head; `reid calibrate` adds `calibration` (thresholds) and `postprocessing` (TTA and re-ranking
+chosen on out-of-fold embeddings) with `record_calibration`, the trainer adds `whitening`.
+Checkpoints are written atomically and read with errors that say which file to use instead.
 """
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ from torch import nn
 
 from reid.errors import ReidError
 from reid.io import save_torch
+
+CHECKPOINT_KIND = "wildreid-reid"
+INFERENCE_KEYS = ("model", "config", "preprocessing")
 
 save_checkpoint = save_torch
 
@@ -28,6 +34,33 @@ def load_checkpoint(path: str | Path) -> dict:
     except Exception as exc:  # torch raises many types for a damaged file
         raise ReidError(f"checkpoint '{path}' is unreadable ({type(exc).__name__}: {exc}); "
                         "use the run's other checkpoint (best.pt / last.pt) or retrain") from None
+
+
+def load_inference(path: str | Path) -> dict:
+    """An inference record (best.pt, or last.pt which holds one too), checked to have what embedding needs."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or any(key not in state for key in INFERENCE_KEYS):
+        raise ReidError(f"'{path}' is not a reid training checkpoint (it lacks model, config or preprocessing); "
+                        "use the best.pt of a `reid train` or `reid cv` run")
+    return state
+
+
+def inference_record(model: dict, cfg: dict, mean, std, identities=(), class_mode: str | None = None,
+                     **extra) -> dict:
+    """What best.pt holds: `model` (a state dict), the config it was built from, its preprocessing and
+    the identities of its class head; `extra` adds training's records (loss, epoch, metrics)."""
+    return {"kind": CHECKPOINT_KIND, "model": model, "config": cfg, "identities": list(identities),
+            "class_mode": class_mode,
+            "preprocessing": {"image_size": cfg["data"]["image_size"], "mean": list(mean), "std": list(std)},
+            **extra}
+
+
+def record_calibration(path: str | Path, calibration: dict, postprocessing: dict) -> None:
+    """Store `reid calibrate`'s thresholds and chosen post-processing in a checkpoint (atomically)."""
+    state = load_checkpoint(path)
+    state["calibration"] = calibration
+    state["postprocessing"] = postprocessing
+    save_checkpoint(path, state)
 
 
 def _checkpoints_in(folder: Path) -> str:
@@ -77,12 +110,9 @@ def save_untrained(path: str | Path, cfg: dict, seed: int = 0) -> Path:
     pretrained backbone before any fine-tuning.
     """
     from reid.model.build import build_model, preprocessing
-    from reid.train.trainer import CHECKPOINT_KIND
 
     torch.manual_seed(seed)
     model = build_model(cfg).eval()
     mean, std = preprocessing(model)
-    save_torch(path, {"kind": CHECKPOINT_KIND, "model": model.state_dict(), "config": cfg, "identities": [],
-                      "preprocessing": {"image_size": cfg["data"]["image_size"], "mean": list(mean),
-                                        "std": list(std)}})
+    save_checkpoint(path, inference_record(model.state_dict(), cfg, mean, std))
     return Path(path)

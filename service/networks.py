@@ -21,6 +21,8 @@ import numpy as np
 
 from reid.embedding.embedder import Embedder
 from reid.errors import ConfigError
+from reid.identify.decision import resolve_thresholds
+from reid.identify.gallery import Layout, choose_rerank, rerank_description
 from reid.species.crops import embedding_model
 from service.batching import MicroBatcher, ModelRunner
 from service.metrics import Metrics
@@ -41,18 +43,12 @@ class Network:
 
 @dataclass
 class SpeciesRoute:
-    """How one species is identified: its network and its decision thresholds."""
+    """How one species is identified: its network, its gallery's layout and its decision thresholds."""
     species: str
     network: Network
     thresholds: dict
     threshold_source: str  # route, checkpoint (calibrated), settings (fallback), or route+...
-
-
-def load_thresholds(embedder: Embedder, settings: Settings) -> tuple[dict, str]:
-    """The checkpoint's calibrated thresholds (from `reid calibrate`), else the settings' fallback."""
-    if embedder.thresholds:
-        return dict(embedder.thresholds), "checkpoint"
-    return {"match_threshold": settings.match_threshold, "new_threshold": settings.new_threshold}, "settings"
+    layout: Layout
 
 
 class SpeciesClassifierRunner:
@@ -88,7 +84,6 @@ class LockedDetector:
 class Models:
     def __init__(self, settings: Settings, metrics: Metrics):
         from reid.species.routing import Router
-        from service.schemas import normalise_species
 
         if settings.checkpoint is None and settings.routes is None:
             raise ConfigError("the service needs a re-ID model: --checkpoint CKPT (every species), --routes FILE "
@@ -102,22 +97,26 @@ class Models:
         fallback = {"match_threshold": settings.match_threshold, "new_threshold": settings.new_threshold}
         if settings.routes is not None:
             router = Router.from_file(settings.routes, defaults=fallback, defaults_source="settings")
-            for name, route in router.routes.items():
-                try:
-                    species = normalise_species(name)
-                except ValueError as exc:
-                    raise ConfigError(f"{settings.routes}: species '{name}': {exc}") from None
-                self.routes[species] = SpeciesRoute(species, self._network(route.embedder, route.checkpoint),
-                                                    route.thresholds, route.threshold_source)
+            for species, route in router.routes.items():
+                self.routes[species] = self._route(species, route.embedder, route.checkpoint, route.thresholds,
+                                                   route.threshold_source)
         if settings.checkpoint is not None:
             embedder = Embedder.from_checkpoint(settings.checkpoint, tta=settings.tta, num_workers=0)
-            thresholds, source = load_thresholds(embedder, settings)
-            self.default = SpeciesRoute("*", self._network(embedder, settings.checkpoint), thresholds, source)
+            thresholds, source = resolve_thresholds({}, embedder.thresholds, fallback, "settings",
+                                                    f"--checkpoint {settings.checkpoint}")
+            self.default = self._route("*", embedder, settings.checkpoint, thresholds, source)
         self.detector = self._detector(settings)
         # JPEGs taken whole are decoded down to twice the largest input of any network
         self.draft_size = 2 * max(n.runner.image_size for n in self.networks.values())
         self.classifier = (SpeciesClassifierRunner(settings.species_classifier, settings.species_threshold, settings,
                                                    metrics) if settings.species_classifier else None)
+
+    def _route(self, species: str, embedder: Embedder, checkpoint: Path, thresholds: dict,
+               threshold_source: str) -> SpeciesRoute:
+        network = self._network(embedder, checkpoint)
+        rerank, source = choose_rerank(self.settings.rerank, embedder.postprocessing, self.settings.rerank_options())
+        layout = Layout(network.stamp, network.runner.dim, rerank, source, self.settings.rerank_candidates)
+        return SpeciesRoute(species, network, thresholds, threshold_source, layout)
 
     def _network(self, embedder: Embedder, checkpoint: Path) -> Network:
         """The network of this embedder; an identical one (same weights, preprocessing, TTA) is shared."""
@@ -153,10 +152,10 @@ class Models:
             self._defaulted[species] = dataclasses.replace(self.default, species=species)
         return self._defaulted[species]
 
-    def layout(self, species: str) -> tuple[str, int] | None:
-        """(vector stamp, dimension) of a species' gallery, None when it has no model (for Galleries)."""
+    def layout(self, species: str) -> Layout | None:
+        """What a species' gallery holds and how it is re-ranked, None when it has no model (for Galleries)."""
         model = self.model(species)
-        return (model.network.stamp, model.network.runner.dim) if model else None
+        return model.layout if model else None
 
     def describe(self) -> dict:
         """What serves which species (for /ready)."""
@@ -164,7 +163,8 @@ class Models:
             network = model.network
             return {"species": model.species, "model": network.stamp, "checkpoint": str(network.checkpoint),
                     "tta": network.tta, "embedding_dim": network.runner.dim,
-                    "thresholds": {**model.thresholds, "source": model.threshold_source}}
+                    "thresholds": {**model.thresholds, "source": model.threshold_source},
+                    "rerank": rerank_description(model.layout)}
 
         models = [entry(m) for m in self.routes.values()] + ([entry(self.default)] if self.default else [])
         return {"models": models, "detector": self.detector.name if self.detector else None,

@@ -1,4 +1,4 @@
-"""Uploads: read within the size limit, decode safely, store content-addressed.
+"""Photos as the identification core takes them: decoded safely, within memory, as the models need them.
 
 Decoding checks, in order: the file is not empty; Pillow recognises it as an allowed format; its
 width x height (read from the header, before any pixel is decoded) is within `max_pixels`, which
@@ -7,37 +7,26 @@ bottom). EXIF orientation is applied, as `reid.data.dataset.read_image` does. A 
 whole is decoded at a reduced DCT scale (JPEG) or reduced after decoding (other formats) down to
 twice the model's input size (`draft_size`); one that boxes are cut from is kept at no more than
 `kept_pixels`. Each decode's memory is reserved from the request's `Lease` of the decoding budget
-(service/budget.py) before it starts.
+(the service's budget, service/budget.py) before it starts; without a lease nothing is reserved.
 
-Files are stored under STORE/images/ab/abcdef....ext, named by the SHA-256 of their bytes, written
-atomically (temporary file, fsync, rename) before the database row that references them commits.
+Stored, a photo's file is STORE/images/ab/abcdef....ext, named by the SHA-256 of its bytes
+(`Upload.relpath`; written by reid.store.files.store_file).
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
-import logging
 import math
-import os
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from fastapi import UploadFile
 from PIL import Image, UnidentifiedImageError
 
-from reid.io import atomic_path
-from service.budget import Lease
-from service.errors import (ApiError, InsufficientStorage, InvalidInput, PayloadTooLarge, StorageUnavailable,
-                            UnsupportedMedia)
-from service.upkeep import MISSING, file_problem
+from reid.errors import InvalidInput, TooLarge, UnsupportedMedia
 
-log = logging.getLogger("wildreid.service")
-
-READ_CHUNK = 1024 * 1024
 ORIENTATION = 0x0112
 TRANSPOSING = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 # each EXIF orientation's transposition, as ImageOps.exif_transpose applies it
@@ -52,6 +41,14 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif", "GIF": ".gif"}
 MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp",
                "TIFF": "image/tiff", "GIF": "image/gif"}
+
+
+@dataclass(frozen=True)
+class PhotoLimits:
+    """What a photo may be: the service's settings, and identify-batch's defaults (the same)."""
+    max_pixels: int = 50_000_000          # width x height of a file (decompression bombs)
+    max_decoded_pixels: int = 12_000_000  # a photo boxes are cut from is kept at no more pixels
+    allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
 
 
 @dataclass
@@ -73,31 +70,13 @@ class Upload:
         return f"images/{self.sha256[:2]}/{self.sha256}{EXTENSIONS.get(self.format, '.bin')}"
 
 
-def _label(index: int, filename: str | None) -> str:
-    return f"images[{index}]" + (f" ('{filename}')" if filename else "")
+def _label(index: int | None, filename: str | None) -> str:
+    """How messages name a photo: by its place in a request (index) and its file name."""
+    return ("the photo" if index is None else f"images[{index}]") + (f" '{filename}'" if filename else "")
 
 
-async def read_upload(file: UploadFile, index: int, max_bytes: int) -> bytes:
-    """The bytes of one uploaded file, refused as soon as it passes `max_bytes`."""
-    size = getattr(file, "size", None)
-    if size is not None and size > max_bytes:
-        raise PayloadTooLarge(f"{_label(index, file.filename)} is {size} bytes; the limit is {max_bytes} bytes",
-                              code="file_too_large")
-    chunks, total = [], 0
-    while True:
-        chunk = await file.read(READ_CHUNK)
-        if not chunk:
-            break
-        total += len(chunk)
-        if total > max_bytes:
-            raise PayloadTooLarge(f"{_label(index, file.filename)} is larger than the limit of {max_bytes} bytes",
-                                  code="file_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def decode_upload(data: bytes, index: int, filename: str | None, max_pixels: int, allowed_formats,
-                  draft_size: int | None = None, kept_pixels: int | None = None, lease: Lease | None = None) -> Upload:
+def decode_upload(data: bytes, index: int | None, filename: str | None, max_pixels: int, allowed_formats,
+                  draft_size: int | None = None, kept_pixels: int | None = None, lease=None) -> Upload:
     """The photo decoded to RGB, checked as the module says.
 
     `draft_size`: the photo is taken whole, so it is decoded (JPEG) or reduced (other formats) down to
@@ -117,7 +96,7 @@ def decode_upload(data: bytes, index: int, filename: str | None, max_pixels: int
             raise UnsupportedMedia(f"{label} is {fmt}; accepted formats: {', '.join(allowed_formats)}",
                                    code="unsupported_format")
         if width * height > max_pixels:
-            raise PayloadTooLarge(f"{label} is {width}x{height} = {width * height} pixels; the limit is "
+            raise TooLarge(f"{label} is {width}x{height} = {width * height} pixels; the limit is "
                                   f"{max_pixels} pixels", code="too_many_pixels")
         if width < 1 or height < 1:
             raise InvalidInput(f"{label} has no pixels ({width}x{height})", code="corrupt_image")
@@ -128,7 +107,7 @@ def decode_upload(data: bytes, index: int, filename: str | None, max_pixels: int
         raise UnsupportedMedia(f"{label} is not an image Pillow can read ({type(exc).__name__})",
                                code="not_an_image") from None
     except Image.DecompressionBombError:
-        raise PayloadTooLarge(f"{label} has too many pixels (a possible decompression bomb); the limit is "
+        raise TooLarge(f"{label} has too many pixels (a possible decompression bomb); the limit is "
                               f"{max_pixels} pixels", code="too_many_pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as exc:
         raise InvalidInput(f"{label} is truncated or corrupt and cannot be decoded ({exc})",
@@ -149,7 +128,7 @@ def _kept_size(width: int, height: int, draft_size: int | None, kept_pixels: int
     return width, height
 
 
-def _decode(image: Image.Image, draft_size: int | None, kept_pixels: int | None, lease: Lease | None,
+def _decode(image: Image.Image, draft_size: int | None, kept_pixels: int | None, lease,
             label: str) -> tuple[np.ndarray, int | None]:
     """Decode (at a reduced DCT scale for JPEG), reduce to the kept size, orient, convert to RGB, all
     within the bytes reserved from the lease: Pillow's decoded image, one converted full-size copy
@@ -229,50 +208,3 @@ def parse_bbox(text: str, index: int = 0) -> tuple[float, float, float, float]:
         raise InvalidInput(f"bbox[{index}] {text!r} is outside the image: need 0 <= x, y; w, h > 0; x + w <= 1; "
                            "y + h <= 1 (normalised)", code="invalid_bbox")
     return x, y, w, h
-
-
-DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
-
-
-def store_file(store_dir: Path, upload: Upload) -> str:
-    """Write the upload under its content address; return its path relative to the store.
-
-    A file already there is kept when it is this photo (its SHA-256 checked: a file changed on disk
-    is replaced) and its time refreshed, so that the orphan sweep (service/upkeep.py) does not take
-    it before the row that names it commits. A full disk is a 507 and any other failing write a
-    503; the temporary file of a write cut short is removed, so nothing half-written is left."""
-    path = store_dir / upload.relpath
-    try:
-        problem = file_problem(path, upload.sha256)
-        if problem is None:
-            os.utime(path)
-        else:
-            if problem != MISSING:
-                log.warning("replacing stored image file %s: %s", upload.relpath, problem)
-            with atomic_path(path) as tmp:
-                tmp.write_bytes(upload.data)
-            _fsync_dir(path.parent)
-    except OSError as exc:
-        raise file_write_error(exc, upload.relpath) from None
-    return upload.relpath
-
-
-def file_write_error(exc: OSError, relpath: str) -> ApiError:
-    if exc.errno in DISK_FULL:
-        return InsufficientStorage("the disk of the image store is full: the photo could not be stored and nothing "
-                                   "was recorded; free disk space and send the request again")
-    return StorageUnavailable(f"the image store could not write {relpath} ({exc.strerror or exc}); nothing was "
-                              "recorded, try again")
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -1,4 +1,5 @@
-"""Upkeep of the image files: integrity (each file is the SHA-256 its rows name) and orphan sweeps.
+"""The store's image files: content-addressed atomic writes, integrity (each file is the SHA-256 its
+rows name) and orphan sweeps.
 
 Files are content-addressed (STORE/images/ab/<sha256>.ext) and written before the commit that
 references them, so a request that fails or is killed between the two leaves an orphan: a file no
@@ -13,14 +14,19 @@ served or embedded again, for /ready and the metrics, until the same photo is up
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("wildreid.service")
+from reid.errors import DiskFull, RequestError, StorageUnavailable
+from reid.io import atomic_path
+
+log = logging.getLogger("wildreid.store")
 
 HASH_CHUNK = 1024 * 1024
 SWEEP_BATCH = 500  # files looked up in the database per query
@@ -143,23 +149,49 @@ def _unlink(path: Path) -> bool:
         return False
 
 
-class Periodic:
-    """Calls `action` every `interval_s` seconds in a daemon thread until stopped (never when 0)."""
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
-    def __init__(self, action, interval_s: float, name: str):
-        self.action, self.interval_s = action, interval_s
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def start(self) -> None:
-        if self.interval_s > 0:
-            self.thread.start()
+def store_file(store_dir: Path, relpath: str, data: bytes, sha256: str) -> str:
+    """Write a photo's bytes at its content address `relpath` (under `store_dir`); return `relpath`.
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self.thread.is_alive():
-            self.thread.join(10)
+    A file already there is kept when it is this photo (its SHA-256 checked: a file changed on disk
+    is replaced) and its time refreshed, so that the orphan sweep does not take it before the row
+    that names it commits. A full disk is a DiskFull and any other failing write a
+    StorageUnavailable; the temporary file of a write cut short is removed, so nothing half-written
+    is left."""
+    path = store_dir / relpath
+    try:
+        problem = file_problem(path, sha256)
+        if problem is None:
+            os.utime(path)
+        else:
+            if problem != MISSING:
+                log.warning("replacing stored image file %s: %s", relpath, problem)
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
+            _fsync_dir(path.parent)
+    except OSError as exc:
+        raise file_write_error(exc, relpath) from None
+    return relpath
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.action()
+
+def file_write_error(exc: OSError, relpath: str) -> RequestError:
+    if exc.errno in DISK_FULL:
+        return DiskFull("the disk of the image store is full: the photo could not be stored and nothing "
+                        "was recorded; free disk space and send the request again")
+    return StorageUnavailable(f"the image store could not write {relpath} ({exc.strerror or exc}); nothing was "
+                              "recorded, try again")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,311 @@
+"""The galleries: one per species, built from the store's rows and kept in step with its change feed.
+
+The database is the truth. A gallery remembers the change sequence it has applied; `sync()` reads
+the sequence (one cheap query) and, when it moved, the image rows stamped since then, and applies
+them: an image whose vector is unchanged and still visible only changes owner (a merge), any
+other changed image leaves its gallery and comes back if it is visible (its individual is
+neither deleted nor merged away). Applying a change twice gives the same result, so a crash
+anywhere (after a commit, before the gallery update) loses nothing: the next start rebuilds
+every gallery from the database, and other instances sharing the database catch up on their
+next request.
+
+A species whose re-ranking is on keeps its images in an `OnlineKReciprocal` state (each image's
+exact neighbour lists and sparse k-reciprocal encoding, updated image by image as they are added
+and removed), which also answers its cosine searches; one without keeps them in a `GalleryIndex`
+(exact, or approximate for very large galleries). Either way a candidate is an individual, ranked
+by its best image, and every candidate says both its ranking score and its raw cosine.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from reid.errors import ConfigError
+from reid.evaluation.evaluate import RerankOptions
+from reid.index.gallery import GalleryIndex, choose_kind
+from reid.rerank import OnlineKReciprocal
+from reid.rerank.expansion import expand_with_neighbours
+from reid.store import GalleryRow, Store, blob_to_vector
+
+log = logging.getLogger("wildreid.identify")
+
+IMAGES_PER_CANDIDATE = 5
+
+
+@dataclass
+class ImageHit:
+    image_id: int
+    score: float   # the ranking score: 1 - re-ranked distance, or the cosine without re-ranking
+    cosine: float
+
+
+@dataclass
+class Candidate:
+    """An individual as answered: ranked by its best image; `cosine` is its best image's cosine."""
+    individual_id: int
+    score: float
+    cosine: float
+    images: list[ImageHit] = field(default_factory=list)  # best first
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a species' gallery holds: vectors of model `stamp`, of `dim` dimensions, re-ranked so."""
+    stamp: str
+    dim: int
+    rerank: RerankOptions = field(default_factory=RerankOptions)
+    rerank_source: str = "none"       # checkpoint, settings, or none
+    candidates: int = 100             # images re-ranked per query
+
+
+RERANK_MODES = ("checkpoint", "settings", "off")
+
+
+def choose_rerank(mode: str, postprocessing: dict | None, configured: RerankOptions) -> tuple[RerankOptions, str]:
+    """(re-ranking, source) of a species: what its checkpoint's calibration chose (`checkpoint`: plain
+    cosine when it chose none or was never calibrated), `configured` for every species
+    (`settings`), or none (`off`). Database augmentation is an offline step: never applied online."""
+    from reid.evaluation.postprocessing import stored_options
+
+    if mode not in RERANK_MODES:
+        raise ConfigError(f"re-ranking '{mode}': use one of {', '.join(RERANK_MODES)}")
+    if mode == "off":
+        return RerankOptions(), "off"
+    if mode == "settings":
+        return check_rerank(configured), "settings"
+    if not postprocessing:
+        return RerankOptions(), "checkpoint (not calibrated: plain cosine)"
+    chosen = stored_options(postprocessing)
+    return check_rerank(RerankOptions(**{**asdict(chosen), "dba": 0})), "checkpoint"
+
+
+def check_rerank(options: RerankOptions) -> RerankOptions:
+    """`options`, or a ConfigError naming the setting out of range."""
+    problems = [f"k1 {options.k1} (>= 1)" if options.k1 < 1 else "",
+                f"k2 {options.k2} (>= 1)" if options.k2 < 1 else "",
+                f"lambda {options.lambda_value} (0 to 1)" if not 0 <= options.lambda_value <= 1 else "",
+                f"qe {options.qe} (>= 0)" if options.qe < 0 else ""]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ConfigError(f"re-ranking settings out of range: {', '.join(problems)}")
+    return options
+
+
+def rerank_description(layout: Layout) -> dict:
+    """The re-ranking an answer used (what and where the settings came from)."""
+    return {**asdict(layout.rerank), "describe": layout.rerank.describe(), "source": layout.rerank_source,
+            "candidates": layout.candidates if layout.rerank.k_reciprocal else None}
+
+
+def individuals_of(hits: list[tuple[int, float, float]], owner: dict[int, int], top_k: int) -> list[Candidate]:
+    """Image hits (image id, score, cosine), best first, grouped into the first `top_k` individuals."""
+    found: dict[int, Candidate] = {}
+    for image_id, score, cosine in hits:
+        individual = owner[image_id]
+        candidate = found.get(individual)
+        if candidate is None:
+            if len(found) == top_k:
+                continue
+            candidate = found[individual] = Candidate(individual, score, cosine)
+        candidate.cosine = max(candidate.cosine, cosine)
+        if len(candidate.images) < IMAGES_PER_CANDIDATE:
+            candidate.images.append(ImageHit(image_id, score, cosine))
+    return list(found.values())
+
+
+class SpeciesGallery:
+    """One species' visible images: vectors by image id, and each image's individual."""
+
+    def __init__(self, layout: Layout, kind: str):
+        self.layout = layout
+        self.owner: dict[int, int] = {}         # image id -> individual id
+        self.vector_hash: dict[int, int] = {}   # image id -> hash of its embedding's bytes
+        options = layout.rerank
+        if options.k_reciprocal:
+            self.state = OnlineKReciprocal(k1=options.k1, k2=options.k2, lambda_value=options.lambda_value,
+                                           dim=layout.dim)
+            self.index = None
+        else:
+            self.state = None
+            self.index = GalleryIndex(layout.dim, kind)
+            self.vector_of: dict[int, int] = {}  # image id -> the index's vector id
+            self.image_of: dict[int, int] = {}   # vector id -> image id
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def remove(self, image_ids: list[int]) -> None:
+        gone = [i for i in image_ids if i in self.owner]
+        if not gone:
+            return
+        if self.state is not None:
+            self.state.remove(np.array(gone, dtype=np.int64))
+        else:
+            vector_ids = [self.vector_of.pop(i) for i in gone]
+            self.index.remove(vector_ids)
+            for vector_id in vector_ids:
+                del self.image_of[vector_id]
+        for image_id in gone:
+            del self.owner[image_id], self.vector_hash[image_id]
+
+    def add(self, rows: list[GalleryRow]) -> None:
+        if not rows:
+            return
+        vectors = np.stack([blob_to_vector(r.embedding) for r in rows])
+        ids = np.array([r.image_id for r in rows], dtype=np.int64)
+        if self.state is not None:
+            self.state.add(vectors, ids)
+        else:
+            for image_id, vector_id in zip(ids, self.index.add(vectors, pd.DataFrame({"image_id": ids}))):
+                self.vector_of[int(image_id)] = int(vector_id)
+                self.image_of[int(vector_id)] = int(image_id)
+        for row in rows:
+            self.owner[row.image_id] = row.individual_id
+            self.vector_hash[row.image_id] = hash(row.embedding)
+
+    def apply(self, rows: list[GalleryRow], usable: Callable[[GalleryRow], bool]) -> None:
+        """Changed rows of this species: owners of unchanged vectors move, the rest leave and come back."""
+        moved = [r for r in rows if r.visible and r.image_id in self.owner and usable(r)
+                 and self.vector_hash[r.image_id] == hash(r.embedding)]
+        for row in moved:
+            self.owner[row.image_id] = row.individual_id
+        kept = {r.image_id for r in moved}
+        self.remove([r.image_id for r in rows if r.image_id not in kept])
+        self.add([r for r in rows if r.image_id not in kept and r.visible and usable(r)])
+
+    def search(self, query: np.ndarray, top_k: int) -> list[Candidate]:
+        """The top_k individuals for one L2-normalised query (alpha-QE first when the layout says so)."""
+        if not self.owner:
+            return []
+        query = self._expanded(query)
+        if self.state is not None:
+            return self._reranked(query, top_k)
+        return self._by_cosine(query, top_k)
+
+    def _expanded(self, query: np.ndarray) -> np.ndarray:
+        options = self.layout.rerank
+        if not options.qe:
+            return query
+        cosines, ids = self._cosine_hits(query, min(options.qe, len(self)))
+        return expand_with_neighbours(query, self._vectors(ids), cosines, options.qe_alpha)
+
+    def _reranked(self, query: np.ndarray, top_k: int) -> list[Candidate]:
+        shown = min(len(self), max(self.layout.candidates, top_k))
+        distances, keys, cosines = self.state.rerank(query[None, :], candidates=shown)
+        hits = [(int(k), 1.0 - float(d), float(c)) for d, k, c in zip(distances[0], keys[0], cosines[0])]
+        return individuals_of(hits, self.owner, top_k)
+
+    def _by_cosine(self, query: np.ndarray, top_k: int) -> list[Candidate]:
+        """Exact for a flat index: hits come best first, so asking for more neighbours until top_k
+        distinct individuals appear gives exactly the top_k."""
+        size = len(self)
+        k = min(size, max(8 * top_k, 64))
+        while True:
+            cosines, ids = self._cosine_hits(query, k)
+            candidates = individuals_of([(i, c, c) for i, c in zip(ids, cosines)], self.owner, top_k)
+            if len(candidates) >= top_k or k >= size:
+                return candidates
+            k = min(size, k * 4)
+
+    def _cosine_hits(self, query: np.ndarray, k: int) -> tuple[list[float], list[int]]:
+        """(cosines, image ids) of the k most similar images, best first."""
+        if self.state is not None:
+            cosines, keys = self.state.search(query[None, :], k)
+            return [float(c) for c in cosines[0]], [int(i) for i in keys[0]]
+        scores, vector_ids = self.index.search(query[None, :], k)
+        hits = [(float(s), self.image_of[int(v)]) for s, v in zip(scores[0], vector_ids[0]) if v >= 0]
+        return [s for s, _ in hits], [i for _, i in hits]
+
+    def _vectors(self, image_ids: list[int]) -> np.ndarray:
+        if self.state is not None:
+            return self.state.vectors_of(np.array(image_ids, dtype=np.int64))
+        return self.index.vectors([self.vector_of[i] for i in image_ids])
+
+
+LayoutOf = Callable[[str], "Layout | None"]  # species -> its gallery's layout, None: no model serves it
+
+
+class Galleries:
+    """Every species' gallery; `layout(species)` says what each holds (service/networks.py, or the
+    routes of identify-batch)."""
+
+    def __init__(self, store: Store, layout: LayoutOf, kind: str = "flat", ann_threshold: int = 200_000):
+        self.store, self.layout = store, layout
+        self.kind, self.ann_threshold = kind, ann_threshold
+        self.by_species: dict[str, SpeciesGallery] = {}
+        self.seq = -1
+        # rows embedded by another model (another instance's checkpoint) or of a species no model serves
+        self.foreign = 0
+        self.lock = threading.RLock()
+
+    def _new(self, species: str, size: int) -> SpeciesGallery:
+        kind = choose_kind("auto", size, self.ann_threshold) if self.kind == "auto" else self.kind
+        return SpeciesGallery(self.layout(species), kind)
+
+    def _usable(self, row: GalleryRow) -> bool:
+        layout = self.layout(row.species)
+        return layout is not None and row.embedding_model == layout.stamp
+
+    def rebuild(self, rows: list[GalleryRow] | None = None, seq: int | None = None) -> None:
+        """Every gallery afresh from the database's visible images (or from `rows` read at `seq`)."""
+        if rows is None:
+            seq, rows = self.store.gallery_rows(None)
+        grouped: dict[str, list[GalleryRow]] = {}
+        foreign = 0
+        for row in rows:
+            if self._usable(row):
+                grouped.setdefault(row.species, []).append(row)
+            else:
+                foreign += 1
+        fresh = {}
+        for species, species_rows in grouped.items():
+            gallery = self._new(species, len(species_rows))
+            gallery.add(species_rows)
+            fresh[species] = gallery
+        with self.lock:
+            self.by_species, self.seq, self.foreign = fresh, seq, foreign
+        if foreign:
+            log.warning("%d images were embedded by another model (or are of a species no model serves) and are not "
+                        "searchable with these models", foreign)
+
+    def sync(self) -> int:
+        """Apply the database's changes since the last sync; return how many image rows changed."""
+        if self.store.change_seq() <= self.seq:
+            return 0
+        with self.lock:
+            seq, rows = self.store.gallery_rows(self.seq)
+            if seq <= self.seq:
+                return 0
+            by_species: dict[str, list[GalleryRow]] = {}
+            for row in rows:
+                by_species.setdefault(row.species, []).append(row)
+            for species, species_rows in by_species.items():
+                gallery = self.by_species.get(species)
+                if gallery is None:
+                    if self.layout(species) is None:
+                        self.foreign += sum(r.visible for r in species_rows)
+                        continue
+                    gallery = self.by_species[species] = self._new(species, len(species_rows))
+                gallery.apply(species_rows, self._usable)
+            self.seq = seq
+            return len(rows)
+
+    def search(self, species: str, query: np.ndarray, top_k: int) -> list[Candidate]:
+        with self.lock:
+            gallery = self.by_species.get(species)
+            return gallery.search(query, top_k) if gallery is not None else []
+
+    def sizes(self) -> dict[str, int]:
+        with self.lock:
+            return {species: len(g) for species, g in sorted(self.by_species.items())}
+
+    def image_ids(self, species: str | None = None) -> set[int]:
+        """Searchable image ids (for checks and tests)."""
+        with self.lock:
+            galleries = [self.by_species.get(species)] if species else list(self.by_species.values())
+            return {image_id for g in galleries if g for image_id in g.owner}
