@@ -89,8 +89,8 @@ def test_online_agrees_with_offline_single_queries(split):
     """Gallery rows are not updated for the query, so near-tied views of one identity can swap:
     on such splits (six seeds) the top-1 was identical for 92-95% of queries, always in the top 3."""
     query, gallery, _, gallery_labels = split
-    distances, indices = OnlineKReciprocal(gallery).rerank(query, candidates=50)
-    assert distances.shape == indices.shape == (60, 50)
+    distances, indices, cosines = OnlineKReciprocal(gallery).rerank(query, candidates=50)
+    assert distances.shape == indices.shape == cosines.shape == (60, 50)
     assert np.all(np.diff(distances, axis=1) >= 0)
     offline = np.vstack([KReciprocal(query[i:i + 1], gallery).topk(3)[1] for i in range(len(query))])
     assert np.mean(indices[:, 0] == offline[:, 0]) >= 0.9
@@ -101,7 +101,7 @@ def test_online_agrees_with_offline_single_queries(split):
 def test_online_ranks_the_true_cluster_first():
     embeddings, labels = clustered(seed=0, noise=0.5)
     query, gallery, query_labels, gallery_labels = embeddings[:60], embeddings[60:], labels[:60], labels[60:]
-    _, indices = OnlineKReciprocal(gallery).rerank(query, candidates=20)
+    _, indices, _ = OnlineKReciprocal(gallery).rerank(query, candidates=20)
     views = (gallery_labels[None, :] == query_labels[:, None]).sum(axis=1)
     assert np.mean(gallery_labels[indices[:, 0]] == query_labels) >= 0.95
     assert np.mean([np.all(gallery_labels[ranked[:n]] == label)
@@ -114,16 +114,17 @@ def test_online_is_exact_when_the_query_enters_no_gallery_list(split):
     rng = np.random.default_rng(5)
     gallery = np.hstack([gallery, np.zeros((len(gallery), 8), dtype=np.float32)])
     query = unit_rows(np.hstack([0.1 * unit_rows(rng.standard_normal((10, 32))), np.eye(8)[rng.integers(0, 8, 10)]]))
-    distances, indices = OnlineKReciprocal(gallery).rerank(query, candidates=len(gallery))
+    distances, indices, _ = OnlineKReciprocal(gallery).rerank(query, candidates=len(gallery))
     for i in range(len(query)):
         offline = KReciprocal(query[i:i + 1], gallery).distances(0, 1)[0]
         np.testing.assert_allclose(distances[i], offline[indices[i]], rtol=0, atol=1e-6)
 
 
 def test_online_add_equals_building_at_once(split):
+    """Keys default to gallery indices, so added items continue them."""
     query, gallery, _, _ = split
     grown = OnlineKReciprocal(gallery[:150], k1=10, k2=3)
-    grown.add(gallery[150:])
+    grown.add(gallery[150:], keys=np.arange(150, len(gallery)))
     whole = OnlineKReciprocal(gallery, k1=10, k2=3)
     for got, expected in zip(grown.rerank(query, candidates=30), whole.rerank(query, candidates=30)):
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)

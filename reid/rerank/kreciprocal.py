@@ -15,8 +15,12 @@ whenever an item joins, so it cannot be computed online, and it is not used here
 Distances are evaluated in float64 from the float32 embeddings: a product of two float32 numbers is
 exact in float64, so the order of summation changes a distance only around 1e-16, far below any
 real gap between neighbours, and neighbour ranks (thus the re-ranked order) equal those of the dense
-reference `reid.rerank.dense.dense_k_reciprocal`. FAISS searches in float32; its candidates are
-rescored in float64 (see `exact_neighbours`).
+reference `reid.rerank.dense.dense_k_reciprocal`. One kernel (`pair_cosines`) forms every such
+value, with the same bits for a pair whatever else shares the call. FAISS searches in float32; its
+candidates are rescored in float64 (see `settle_nearest`).
+
+The online, incremental form (`OnlineKReciprocal`) lives in `reid.rerank.online` and shares these
+helpers.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import numpy as np
 import scipy.sparse as sp
 
 SEARCH_ROWS = 2048  # queries per FAISS call: bounds the copies, results and rescoring buffers
-PAIR_CHUNK = 1024  # (row, column) pairs whose float64 dot products are formed at once (cache-sized: fastest)
+PAIR_CHUNK = 128  # (row, column) pairs whose float64 dot products are formed at once (cache-sized: fastest)
 SEARCH_MARGIN = 8  # extra FAISS candidates per row, so float32 rounding rarely hides a true neighbour
 OUTPUT_ELEMENTS = 1 << 20  # float64 elements of a dense (queries x gallery) block built at once (8 MiB)
 GATHER_ELEMENTS = 1 << 19  # gathered (query, gallery, column) triples of a Jaccard block held at once
@@ -84,17 +88,31 @@ def search_inner_product(index: faiss.Index, queries: np.ndarray, k: int) -> tup
     return similarities, indices
 
 
-def pair_distances(left: np.ndarray, right: np.ndarray, left_rows: np.ndarray,
-                   right_rows: np.ndarray) -> np.ndarray:
-    """float64 d = 1 - cos of the pairs (left[left_rows[p]], right[right_rows[p]]), PAIR_CHUNK at a time."""
+def pair_cosines(left: np.ndarray, right: np.ndarray, left_rows: np.ndarray,
+                 right_rows: np.ndarray) -> np.ndarray:
+    """float64 cos of the pairs (left[left_rows[p]], right[right_rows[p]]), PAIR_CHUNK at a time.
+
+    The one place a float64 similarity is formed, so every caller gets the same bits for the same
+    pair: the products are exact, and each row's sum is numpy's pairwise sum along that row alone,
+    so the value depends neither on which other pairs share the call nor on the order of the two
+    vectors (unlike a BLAS product, whose blocking depends on the shapes).
+    """
     cosines = np.empty(len(left_rows), dtype=np.float64)
     for start in range(0, len(left_rows), PAIR_CHUNK):
         part = slice(start, start + PAIR_CHUNK)
-        cosines[part] = np.einsum("pd,pd->p", left[left_rows[part]], right[right_rows[part]], dtype=np.float64)
-    return 1.0 - cosines
+        products = left[left_rows[part]].astype(np.float64)
+        products *= right[right_rows[part]].astype(np.float64)
+        cosines[part] = products.sum(axis=1)
+    return cosines
 
 
-def _float32_score_error(dim: int) -> float:
+def pair_distances(left: np.ndarray, right: np.ndarray, left_rows: np.ndarray,
+                   right_rows: np.ndarray) -> np.ndarray:
+    """float64 d = 1 - cos of the pairs (left[left_rows[p]], right[right_rows[p]])."""
+    return 1.0 - pair_cosines(left, right, left_rows, right_rows)
+
+
+def float32_score_error(dim: int) -> float:
     """A bound on |FAISS float32 inner product - exact| for near-unit vectors: 2·dim·u, twice the
     textbook gamma_dim bound (u = 2^-24), which also covers norms up to NORM_TOLERANCE above 1."""
     return dim * float(np.finfo(np.float32).eps)
@@ -111,35 +129,45 @@ def exact_neighbours(queries: np.ndarray, database: np.ndarray, k: int,
     neighbours = np.empty((len(queries), k), dtype=np.int64)
     for start in range(0, len(queries), SEARCH_ROWS):
         part = slice(start, start + SEARCH_ROWS)
-        distances[part], neighbours[part] = _exact_chunk(index, queries[part], database, k)
+        chunk = queries[part]
+        cosines, neighbours[part] = settle_nearest(lambda rows, wanted: index.search(chunk[rows], wanted),
+                                                   chunk, database, k, len(database))
+        distances[part] = 1.0 - cosines
     return distances, neighbours
 
 
-def _exact_chunk(index: faiss.Index, queries: np.ndarray, database: np.ndarray,
-                 k: int) -> tuple[np.ndarray, np.ndarray]:
-    """FAISS proposes k + SEARCH_MARGIN candidates by float32 score; they are rescored in float64. A row
-    is settled once its k-th float64 distance beats anything FAISS left out could have, given the
-    float32 rounding bound; unsettled rows (near-ties at the margin) are searched again, wider."""
-    distances = np.empty((len(queries), k), dtype=np.float64)
+def settle_nearest(propose, queries: np.ndarray, database: np.ndarray, k: int, population: int,
+                   tie_keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The exact k nearest database rows of each query by float64 d = 1 - cos, ties to the lower
+    tie key (the row index when None): (cosines float64 (m, k), rows int64 (m, k)), nearest first.
+
+    `propose(query_rows, wanted)` gives float32 (similarities, rows) holding the `wanted` best
+    float32 scores of those queries among the `population` rows that count (in any order). They
+    are rescored in float64; a query is settled once its k-th float64 distance beats anything left
+    out could have, given the float32 rounding bound, and the rest (near-ties at the margin) are
+    proposed again, wider.
+    """
+    k = min(k, population)
+    cosines = np.empty((len(queries), k), dtype=np.float64)
     neighbours = np.empty((len(queries), k), dtype=np.int64)
-    error = _float32_score_error(database.shape[1])
+    error = float32_score_error(database.shape[1])
     pending = np.arange(len(queries))
-    wanted = min(len(database), k + SEARCH_MARGIN)
-    while pending.size:
-        pending_queries = queries[pending]
-        similarities, candidates = index.search(pending_queries, wanted)
-        rows = np.repeat(np.arange(len(pending)), wanted)
-        candidate_distances = pair_distances(pending_queries, database, rows,
-                                             candidates.ravel()).reshape(candidates.shape)
-        order = np.lexsort((candidates, candidate_distances), axis=1)[:, :k]
-        top_distances = np.take_along_axis(candidate_distances, order, axis=1)
-        excluded_bound = 1.0 - similarities[:, -1].astype(np.float64) - error
-        settled = (top_distances[:, -1] < excluded_bound) | (wanted == len(database))
-        distances[pending[settled]] = top_distances[settled]
+    wanted = min(population, k + SEARCH_MARGIN)
+    while pending.size and k:
+        similarities, candidates = propose(pending, wanted)
+        candidates = np.asarray(candidates, dtype=np.int64)
+        rows = np.repeat(pending, wanted)
+        candidate_cosines = pair_cosines(queries, database, rows, candidates.ravel()).reshape(candidates.shape)
+        ties = candidates if tie_keys is None else tie_keys[candidates]
+        order = np.lexsort((ties, 1.0 - candidate_cosines), axis=1)[:, :k]
+        top_cosines = np.take_along_axis(candidate_cosines, order, axis=1)
+        excluded_bound = 1.0 - similarities.min(axis=1).astype(np.float64) - error
+        settled = (1.0 - top_cosines[:, -1] < excluded_bound) | (wanted == population)
+        cosines[pending[settled]] = top_cosines[settled]
         neighbours[pending[settled]] = np.take_along_axis(candidates, order, axis=1)[settled]
         pending = pending[~settled]
-        wanted = min(len(database), 4 * wanted)
-    return distances, neighbours
+        wanted = min(population, 4 * wanted)
+    return cosines, neighbours
 
 
 def expand_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -358,166 +386,3 @@ class KReciprocal:
             indices[start:stop] = smallest_per_row(block, n)
             distances[start:stop] = np.take_along_axis(block, indices[start:stop], axis=1)
         return distances, indices
-
-
-def merge_neighbours(distances: tuple[np.ndarray, np.ndarray], neighbours: tuple[np.ndarray, np.ndarray],
-                     width: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `width` of two sorted neighbour lists per row, in (distance, index) order."""
-    joined_distances, joined_neighbours = np.hstack(distances), np.hstack(neighbours)
-    order = np.lexsort((joined_neighbours, joined_distances), axis=1)[:, :width]
-    return np.take_along_axis(joined_distances, order, axis=1), np.take_along_axis(joined_neighbours, order, axis=1)
-
-
-def lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """values at the positions of `wanted` in the sorted `keys`; 0 for keys not there."""
-    if len(keys) == 0:
-        return np.zeros(wanted.shape)
-    positions = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
-    return np.where(keys[positions] == wanted, values[positions], 0.0)
-
-
-class OnlineKReciprocal:
-    """k-reciprocal re-ranking of queries one at a time against a large, mostly fixed gallery.
-
-    Built once from the gallery: its exact neighbour lists (FAISS) and its sparse encoding
-    (R(j, k1/2), V, V_qe). Per query: the FAISS top candidates; the query's k-reciprocal set, where
-    the query counts as in gallery item j's top-k1 list when it is closer than j's k1-th neighbour;
-    its expansion through the precomputed R(c, k1/2); its V and V_qe (averaging the V rows of its
-    k2-1 nearest gallery items); and the Jaccard distance to each candidate's V_qe row.
-
-    Approximation: gallery rows are not updated for the query. In the offline joint set the query
-    would enter some gallery items' neighbour lists, changing their reciprocal sets, V and V_qe;
-    keeping those fixed is what makes a query cost one search plus O(k1·k2 + candidates·k2) sparse
-    work, never touching the rest of the gallery. One local correction is made because it dominates
-    the difference: where the query enters a candidate's top-k2 list, the query's V row replaces the
-    list's last row in that candidate's V_qe mean (true matches share the query's own row offline).
-    With it the top-1 equals the offline single-query result (KReciprocal on that query alone) for
-    92-98% of queries on clustered test data, always within its top 3; without it for 60-83%.
-    Only the top `candidates` are re-ranked.
-    """
-
-    def __init__(self, gallery_emb: np.ndarray, k1: int = 20, k2: int = 6, lambda_value: float = 0.3):
-        gallery = check_embeddings("gallery_emb", gallery_emb)
-        if len(gallery) == 0:
-            raise ValueError("the gallery is empty: nothing to rank against")
-        check_parameters(k1, k2, lambda_value)
-        self.k1, self.k2, self.lambda_value = k1, k2, lambda_value
-        self._gallery = gallery
-        self._index = flat_index(gallery)
-        self._neighbour_distances, self._neighbours = exact_neighbours(gallery, gallery, self._width, self._index)
-        self._encode()
-
-    @property
-    def _width(self) -> int:
-        return max(self.k1 + 1, self.k2)
-
-    def __len__(self) -> int:
-        return len(self._gallery)
-
-    def _encode(self) -> None:
-        encoding = encode(self._gallery, self._neighbours, self.k1, self.k2)
-        self._half_reciprocal, self._v, self._v_qe = encoding.half_reciprocal, encoding.v, encoding.v_qe
-        self._half_sizes = np.diff(self._half_reciprocal.indptr)
-        self._k1_radius = self._radius(self.k1, np.inf)
-        self._k2_radius = self._radius(self.k2 - 1, -np.inf)
-
-    def _radius(self, position: int, short_list: float) -> np.ndarray:
-        """Each item's distance to its list entry at `position` (itself at 0): a query closer than
-        that enters its top-(position+1) list. `short_list` where the gallery is too small to fill it."""
-        if self._neighbour_distances.shape[1] <= position:
-            return np.full(len(self), short_list)
-        return self._neighbour_distances[:, position]
-
-    def add(self, gallery_emb: np.ndarray) -> None:
-        """Enrol new gallery vectors (indices continue after the current ones).
-
-        Cost: an exact search of the m new vectors against the gallery and of the gallery against
-        them, O(n·m·dim), then a rebuild of the sparse encoding from the merged neighbour lists,
-        O(n·k1·k2) (seconds at n = 100,000), instead of the O(n²·dim) first build.
-        """
-        new = check_embeddings("gallery_emb", gallery_emb, self._gallery.shape[1])
-        if len(new) == 0:
-            return
-        old = self._gallery
-        self._gallery = np.concatenate([old, new])
-        self._index.add(new)
-        width = min(self._width, len(self._gallery))
-        new_rows = exact_neighbours(new, self._gallery, width, self._index)
-        old_to_new_distances, old_to_new = exact_neighbours(old, new, width)
-        old_rows = merge_neighbours((self._neighbour_distances, old_to_new_distances),
-                                    (self._neighbours, old_to_new + len(old)), width)
-        self._neighbour_distances = np.vstack([old_rows[0], new_rows[0]])
-        self._neighbours = np.vstack([old_rows[1], new_rows[1]])
-        self._encode()
-
-    def rerank(self, query_emb: np.ndarray, candidates: int = 100) -> tuple[np.ndarray, np.ndarray]:
-        """Re-rank each query's top `candidates` gallery items: (distances (n, c) float64, gallery
-        indices (n, c) int64), ascending, ties to the lower index; c = min(candidates, gallery size)."""
-        queries = check_embeddings("query_emb", query_emb, self._gallery.shape[1])
-        if candidates < 1:
-            raise ValueError(f"candidates must be >= 1, got {candidates}")
-        shown = min(candidates, len(self))
-        searched = min(len(self), max(shown, self.k1, self.k2 - 1))
-        similarities, neighbours = search_inner_product(self._index, queries, searched)
-        distances = np.empty((len(queries), shown), dtype=np.float64)
-        ranked = np.empty((len(queries), shown), dtype=np.int64)
-        for row, query in enumerate(queries):
-            distances[row], ranked[row] = self._rerank_one(
-                query, 1.0 - similarities[row].astype(np.float64), neighbours[row], shown)
-        return distances, ranked
-
-    def _rerank_one(self, query: np.ndarray, distance: np.ndarray, neighbours: np.ndarray,
-                    shown: int) -> tuple[np.ndarray, np.ndarray]:
-        query_v = self._query_v(query, distance, neighbours)
-        columns, values = self._query_v_qe(*query_v, neighbours)
-        candidates = neighbours[:shown]
-        owner, candidate_columns, candidate_values = self._candidate_v_qe(candidates, distance[:shown], query_v)
-        minima = np.minimum(candidate_values, lookup(columns, values, candidate_columns))
-        shared = np.bincount(owner, minima, minlength=shown)
-        mass = np.bincount(owner, candidate_values, minlength=shown)
-        jaccard = jaccard_distances(shared[None, :], np.array([values.sum()]), mass)[0]
-        final = jaccard * (1 - self.lambda_value) + distance[:shown] * self.lambda_value
-        order = np.lexsort((candidates, final))
-        return final[order], candidates[order]
-
-    def _query_v(self, query: np.ndarray, distance: np.ndarray,
-                 neighbours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The query's row of V: sorted columns (gallery indices, then len(gallery) for the query
-        itself) and weights exp(-d) summing to 1."""
-        forward = neighbours[:self.k1]
-        reciprocal = forward[distance[:self.k1] < self._k1_radius[forward]]
-        # The query's own R(q, k1/2) lies inside R(q, k1), so only gallery members can expand it.
-        owner, members, _ = gather_rows(self._half_reciprocal, reciprocal)
-        overlap = np.bincount(owner, np.isin(members, reciprocal), minlength=len(reciprocal))
-        accepted = overlap > 2.0 / 3 * self._half_sizes[reciprocal]
-        expanded = np.union1d(reciprocal, members[accepted[owner]])
-        cosines = np.append(self._gallery[expanded] @ query, query @ query).astype(np.float64)
-        weights = np.exp(-(1.0 - cosines))
-        return np.append(expanded, len(self)), weights / weights.sum()
-
-    def _query_v_qe(self, columns: np.ndarray, values: np.ndarray,
-                    neighbours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Mean of V over the query's top-k2 list: the query itself and its k2-1 nearest gallery items."""
-        if self.k2 == 1:
-            return columns, values
-        others = neighbours[:self.k2 - 1]
-        _, other_columns, other_values = gather_rows(self._v, others)
-        merged, inverse = np.unique(np.concatenate([columns, other_columns]), return_inverse=True)
-        return merged, np.bincount(inverse, np.concatenate([values, other_values])) / (len(others) + 1)
-
-    def _candidate_v_qe(self, candidates: np.ndarray, distance: np.ndarray,
-                        query_v: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The candidates' V_qe rows as (candidate position, column, value) entries. Where the query
-        enters a candidate's top-k2 list, the mean swaps the list's last V row for the query's."""
-        owner, columns, values = gather_rows(self._v_qe, candidates)
-        entered = np.flatnonzero(distance < self._k2_radius[candidates])
-        if self.k2 == 1 or entered.size == 0:
-            return owner, columns, values
-        query_columns, query_values = query_v
-        dropped_owner, dropped_columns, dropped_values = gather_rows(
-            self._v, self._neighbours[candidates[entered], self.k2 - 1])
-        owner = np.concatenate([owner, np.repeat(entered, len(query_columns)), entered[dropped_owner]])
-        columns = np.concatenate([columns, np.tile(query_columns, len(entered)), dropped_columns])
-        values = np.concatenate([values, np.tile(query_values / self.k2, len(entered)), -dropped_values / self.k2])
-        cells, inverse = np.unique(owner * (len(self) + 1) + columns, return_inverse=True)
-        return cells // (len(self) + 1), cells % (len(self) + 1), np.bincount(inverse, values)
