@@ -10,8 +10,14 @@ model's speed the service delivers; target >= 0.8). The model
 is a random-init resnet18 at 128 px by default (speed does not depend on the weights), or --checkpoint.
 The clients run on the same machine and take some of its CPU.
 
+`--gallery-images N` first fills the store with N more images (clustered synthetic vectors stamped
+with the server's model, 5 per individual), and `--rerank` serves with k-reciprocal re-ranking
+(k1 20, k2 6, the top 100 images re-ranked); its state is built here once and saved as the
+snapshot the server loads at start, as a server that has run before would.
+
     python scripts/bench_service.py
     python scripts/bench_service.py --checkpoint runs/x/best.pt --tta hflip
+    python scripts/bench_service.py --gallery-images 100000 --rerank
 
 The last line printed is JSON.
 """
@@ -160,6 +166,36 @@ def offline_img_per_s(checkpoint: Path, tta: str, arrays: list[np.ndarray], batc
     return max(results)
 
 
+def prefill(db, store_dir: Path, checkpoint: Path, tta: str, images: int, rerank: bool) -> None:
+    """`images` synthetic vectors of the server's model in the store, and with `rerank` the snapshot of
+    their re-ranking state where the server looks for it."""
+    from bench_identify import fill
+
+    from reid.embedding import Embedder
+    from reid.identify.gallery import Galleries
+    from reid.species.crops import embedding_model
+    from service.metrics import Metrics
+    from service.networks import Models
+    from service.settings import build_settings
+
+    settings = build_settings(store_dir=store_dir, checkpoint=checkpoint, tta=tta,
+                              rerank="settings" if rerank else "off")
+    embedder = Embedder.from_checkpoint(checkpoint, tta=tta, num_workers=0)
+    stamp = embedding_model(embedder.fingerprint, settings.crop_settings())
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((images // 5, embedder.embedding_dim)).astype(np.float32)
+    print(f"filling the store with {images} synthetic images", flush=True)
+    fill(db, rng, centres / np.linalg.norm(centres, axis=1, keepdims=True), 5, stamp)
+    if rerank:
+        started = time.perf_counter()
+        layout = Models(settings, Metrics()).layout  # the server's own layout of each species
+        galleries = Galleries(db, layout, snapshot_dir=store_dir / "cache" / "rerank")
+        galleries.rebuild()
+        galleries.save_snapshots()
+        print(f"re-ranking state of {images} images built and saved in {time.perf_counter() - started:.0f} s",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="a training checkpoint (default: random-init --backbone)")
@@ -174,6 +210,8 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--window-ms", type=float, default=2.0, help="the server's micro-batch window")
     parser.add_argument("--threadpool", type=int, help="the server's threadpool_size (default: the setting's)")
+    parser.add_argument("--gallery-images", type=int, default=0, help="synthetic images added to the store first")
+    parser.add_argument("--rerank", action="store_true", help="serve with k-reciprocal re-ranking")
     args = parser.parse_args()
 
     import httpx
@@ -203,11 +241,16 @@ def main() -> None:
         settings = tmp / "settings.json"
         settings.write_text(json.dumps({"max_batch": args.batch_size, "batch_window_ms": args.window_ms,
                                         "torch_threads": threads, "tta": args.tta,
-                                        "threadpool_size": args.threadpool}))
+                                        "threadpool_size": args.threadpool,
+                                        "rerank": "settings" if args.rerank else "off"}))
         store = tmp / "store"
         from reid.store import Store
 
-        _, key = Store(f"sqlite:///{store / 'wildreid.db'}").create_key("bench")
+        db = Store(f"sqlite:///{store / 'wildreid.db'}", sqlite_synchronous="OFF")
+        _, key = db.create_key("bench")
+        if args.gallery_images:
+            prefill(db, store, checkpoint, args.tta, args.gallery_images, args.rerank)
+        db.close()
         headers = {"Authorization": f"Bearer {key}"}
         with ServerProcess(store, checkpoint, "--settings", str(settings), log=tmp / "server.log") as server:
             # the request bodies are encoded once, so that the clients (on the same CPU) cost the server little
@@ -259,7 +302,7 @@ def main() -> None:
     out = {
         "model": "checkpoint" if args.checkpoint else f"{args.backbone}@{args.image_size} random-init",
         "tta": args.tta, "photo_px": args.photo_size, "gallery_individuals": args.identities,
-        "gallery_images": 2 * args.identities, "server_batch": args.batch_size, "torch_threads": threads,
+        "gallery_images": 2 * args.identities + args.gallery_images, "rerank": args.rerank, "server_batch": args.batch_size, "torch_threads": threads,
         "identify": {name: {k: v for k, v in r.items()} for name, r in results.items()},
         "p50_ms": results[f"c{min(levels)}"]["p50_ms"], "p99_ms": results[f"c{min(levels)}"]["p99_ms"],
         "throughput_req_per_s": {name: r["req_per_s"] for name, r in results.items()},

@@ -39,6 +39,9 @@ def register(subparsers) -> dict:
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each loads the model)")
     serve.add_argument("--tta", choices=TTA_CHOICES, help="test-time augmentation (default: what `reid calibrate` chose for the "
                                                                  "checkpoint, else none)")
+    serve.add_argument("--rerank", choices=("checkpoint", "settings", "off"),
+                       help="re-ranking of the candidates: what `reid calibrate` chose for each checkpoint (default), "
+                            "the rerank_* values of --settings for every species, or off")
     serve.add_argument("--require-key-for-reads", action="store_true", default=None,
                        help="identify and GET requests need an API key too")
     serve.add_argument("--settings", help="YAML or JSON file of further settings (upload limits, thresholds, "
@@ -65,6 +68,7 @@ def _settings(args: argparse.Namespace):
               "routes": getattr(args, "routes", None), "detector": getattr(args, "detector", None),
               "species_classifier": getattr(args, "species_classifier", None),
               "database_url": args.database_url, "tta": getattr(args, "tta", None),
+              "rerank": getattr(args, "rerank", None),
               "require_key_for_reads": getattr(args, "require_key_for_reads", None)}
     if getattr(args, "settings", None):
         return Settings.from_file(args.settings, **values)

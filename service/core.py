@@ -43,6 +43,8 @@ class Service:
         self.decode_budget = MemoryBudget(settings.decode_budget_bytes, settings.request_decode_budget_bytes,
                                           settings.decode_wait_s, on_change=metrics.decode_bytes.set)
         self.sweeper = Periodic(self._sweep_periodically, settings.orphan_sweep_interval_s, "wildreid-orphan-sweep")
+        self.snapshotter = Periodic(self._snapshot_periodically, settings.rerank_snapshot_interval_s,
+                                    "wildreid-rerank-snapshots")
 
     # ------------------------------------------------------------------ life cycle
     @classmethod
@@ -56,13 +58,16 @@ class Service:
         settings.store_dir.mkdir(parents=True, exist_ok=True)
         models = Models(settings, metrics)
         store = Store(settings.url, settings.sqlite_synchronous)
-        galleries = Galleries(store, models.layout, settings.index_kind, settings.ann_threshold)
+        galleries = Galleries(store, models.layout, settings.index_kind, settings.ann_threshold,
+                              settings.store_dir / "cache" / "rerank")
         service = cls(settings, store, models, galleries, metrics)
         service.sweep_orphans()
         service.reembed_stale()
         galleries.rebuild()
+        galleries.save_snapshots()  # a state built now is not built again at the next start
         models.start()
         service.sweeper.start()
+        service.snapshotter.start()
         served = "; ".join(f"{m['species']}: model {m['model']}, thresholds from {m['thresholds']['source']}"
                            for m in models.describe()["models"])
         log.info("wildreid service ready (%s); galleries %s", served, galleries.sizes())
@@ -70,7 +75,9 @@ class Service:
 
     def close(self) -> None:
         self.sweeper.stop()
+        self.snapshotter.stop()
         self.models.close()
+        self._snapshot_periodically()
         self.store.close()
 
     def sweep_orphans(self) -> SweepResult:
@@ -89,6 +96,13 @@ class Service:
             self.sweep_orphans()
         except Exception:  # noqa: BLE001 - a failed sweep (database away) is retried at the next interval
             log.exception("orphan sweep failed")
+
+    def _snapshot_periodically(self) -> None:
+        try:
+            self.galleries.sync()
+            self.galleries.save_snapshots()
+        except Exception:  # noqa: BLE001 - a failed snapshot (disk full) only makes the next start slower
+            log.exception("re-ranking snapshot failed")
 
     def reembed_stale(self) -> int:
         """Embed again, from their stored files and boxes, the images another model (or crop shape) embedded;

@@ -79,6 +79,10 @@ class Settings(BaseModel):
                                                 "(with rerank: settings)")
     rerank_qe_alpha: float = Field(3.0, ge=0, description="alpha of the query expansion")
     rerank_candidates: int = Field(100, ge=1, le=10_000, description="gallery images re-ranked per query")
+    rerank_snapshot_interval_s: float = Field(600.0, ge=0, description="seconds between snapshots of the changed "
+                                                                      "re-ranking states (STORE/cache/rerank; also "
+                                                                      "at start and at close), which the next start "
+                                                                      "loads instead of building them; 0: only then")
     index_kind: Literal["flat", "hnsw", "auto"] = "flat"
     ann_threshold: int = Field(200_000, ge=1, description="with index_kind auto, larger galleries get HNSW")
 

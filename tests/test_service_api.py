@@ -524,6 +524,38 @@ def test_calibrated_thresholds_from_the_checkpoint(tmp_path, tiny_checkpoint, ph
         assert other["decision"] == expected
 
 
+def test_the_reranking_the_calibration_chose_is_used_and_said(tmp_path, tiny_checkpoint, photos):
+    """A checkpoint whose calibration chose k-reciprocal re-ranking is served re-ranked; `rerank: off` serves
+    plain cosine; each answer says which, and gives each candidate's cosine beside its ranking score."""
+    state = torch.load(tiny_checkpoint, weights_only=False)
+    state["postprocessing"] = {"tta": "none", "rerank": {"dba": 0, "qe": 0, "qe_alpha": 3.0, "k_reciprocal": True,
+                                                          "k1": 3, "k2": 2, "lambda_value": 0.3}}
+    checkpoint = tmp_path / "calibrated.pt"
+    torch.save(state, checkpoint)
+    answers = {}
+    for mode in ("checkpoint", "off"):
+        settings = Settings(store_dir=tmp_path / "store", checkpoint=checkpoint, rerank=mode)
+        with TestClient(create_app(settings)) as client:
+            if mode == "checkpoint":
+                headers = {"Authorization": f"Bearer {client.app.state.service.store.create_key('k')[1]}"}
+                for n in range(6):
+                    enroll(client, headers, f"ind{n}", "zebra", photos[f"synth_00{n}"][0])
+            ready = client.get("/ready").json()["models"][0]["rerank"]
+            answers[mode] = identify(client, "zebra", photos["synth_000"][1], top_k=3)["animals"][0]
+            assert ready["describe"] == answers[mode]["rerank"]["describe"]
+    reranked, plain = answers["checkpoint"], answers["off"]
+    assert reranked["rerank"]["source"] == "checkpoint"
+    assert reranked["rerank"]["describe"] == "k-reciprocal k1=3 k2=2 lambda=0.3"
+    assert plain["rerank"] == {**plain["rerank"], "describe": "none", "source": "off"}
+    assert all(c["score"] == c["cosine"] for c in plain["candidates"])
+    assert any(c["score"] != c["cosine"] for c in reranked["candidates"])
+    # the cosines are the same either way: re-ranking changes the order and the ranking score only
+    cosines = {c["individual_id"]: c["cosine"] for c in plain["candidates"]}
+    for candidate in reranked["candidates"]:
+        if candidate["individual_id"] in cosines:
+            assert candidate["cosine"] == pytest.approx(cosines[candidate["individual_id"]], abs=1e-6)
+
+
 def test_restart_rebuilds_the_gallery_from_the_database(tmp_path, tiny_checkpoint, photos):
     settings = Settings(store_dir=tmp_path, checkpoint=tiny_checkpoint)
     with TestClient(create_app(settings)) as client:

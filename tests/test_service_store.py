@@ -19,6 +19,7 @@ from PIL import Image
 from service.batching import MicroBatcher, ModelRunner
 from reid.errors import Conflict, InvalidInput, RequestError, TooLarge
 from service.errors import status_of
+from reid.evaluation.evaluate import RerankOptions
 from reid.identify.gallery import Galleries, Layout
 from reid.identify.photos import decode_upload, parse_bbox
 from reid.store import NewImage, Store, normalise_url
@@ -26,6 +27,7 @@ from service.testing import encode, noise_image, png_with_dimensions, truncated
 
 DIM = 8
 LAYOUT = lambda species: Layout("m", DIM)  # noqa: E731 - every species: model 'm'
+RERANKED = lambda species: Layout("m", DIM, RerankOptions(k_reciprocal=True, k1=3, k2=2), "settings")  # noqa: E731
 LOCAL_POSTGRES = "postgresql+psycopg://postgres:postgres@127.0.0.1:5432/postgres"
 
 
@@ -82,10 +84,11 @@ def run_curation(store: Store) -> dict:
     return {"a": a, "b": b, "c": c, "d": d}
 
 
-def check_two_instances(url: str) -> None:
-    """Two instances (own engine, own galleries) on one database: what one writes, the other finds."""
+def check_two_instances(url: str, layout=LAYOUT) -> None:
+    """Two instances (own engine, own galleries) on one database: what one writes, the other finds, and
+    both answer alike (re-ranked too: each keeps its own re-ranking state in step with the change feed)."""
     first, second = Store(url), Store(url)
-    g1, g2 = Galleries(first, LAYOUT), Galleries(second, LAYOUT)
+    g1, g2 = Galleries(first, layout), Galleries(second, layout)
     g1.rebuild()
     g2.rebuild()
     ids = run_curation(first)
@@ -100,12 +103,16 @@ def check_two_instances(url: str) -> None:
     assert store_b_restore["seq"] == second.change_seq()
     g1.sync()
     assert g1.search("lion", vec(13), 1)[0].individual_id == ids["c"]
+    g2.sync()
+    for seed in range(10, 16):
+        assert g1.search("zebra", vec(seed), 3) == g2.search("zebra", vec(seed), 3)
     first.close()
     second.close()
 
 
-def test_two_instances_on_one_sqlite_database(sqlite_url):
-    check_two_instances(sqlite_url)
+@pytest.mark.parametrize("layout", [LAYOUT, RERANKED], ids=["cosine", "reranked"])
+def test_two_instances_on_one_sqlite_database(sqlite_url, layout):
+    check_two_instances(sqlite_url, layout)
 
 
 def check_concurrent_merges(url: str) -> None:
@@ -322,8 +329,9 @@ def postgres_url(postgres_base):
     admin.dispose()
 
 
-def test_postgres_two_instances_share_one_population(postgres_url):
-    check_two_instances(postgres_url)
+@pytest.mark.parametrize("layout", [LAYOUT, RERANKED], ids=["cosine", "reranked"])
+def test_postgres_two_instances_share_one_population(postgres_url, layout):
+    check_two_instances(postgres_url, layout)
 
 
 def test_postgres_concurrent_merges_of_one_pair(postgres_url):

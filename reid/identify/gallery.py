@@ -14,12 +14,21 @@ exact neighbour lists and sparse k-reciprocal encoding, updated image by image a
 and removed), which also answers its cosine searches; one without keeps them in a `GalleryIndex`
 (exact, or approximate for very large galleries). Either way a candidate is an individual, ranked
 by its best image, and every candidate says both its ranking score and its raw cosine.
+
+Building a re-ranking state means every image's exact neighbours: minutes for 100,000 images on
+two cores. So each state is also kept as a snapshot file (`save_snapshots`: at start once built,
+periodically, and at close). A start loads the snapshot and applies the difference to the store's
+rows (images gone, changed or new since the snapshot), so it answers exactly what a state built
+from the store would, whatever happened after the snapshot was written (a SIGKILL included).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -30,7 +39,7 @@ from reid.evaluation.evaluate import RerankOptions
 from reid.index.gallery import GalleryIndex, choose_kind
 from reid.rerank import OnlineKReciprocal
 from reid.rerank.expansion import expand_with_neighbours
-from reid.store import GalleryRow, Store, blob_to_vector
+from reid.store import GalleryRow, Store, blob_to_vector, vector_to_blob
 
 log = logging.getLogger("wildreid.identify")
 
@@ -123,6 +132,7 @@ class SpeciesGallery:
 
     def __init__(self, layout: Layout, kind: str):
         self.layout = layout
+        self.changed = True  # since the last snapshot
         self.owner: dict[int, int] = {}         # image id -> individual id
         self.vector_hash: dict[int, int] = {}   # image id -> hash of its embedding's bytes
         options = layout.rerank
@@ -139,10 +149,40 @@ class SpeciesGallery:
     def __len__(self) -> int:
         return len(self.owner)
 
+    def restore(self, path: Path, rows: list[GalleryRow]) -> bool:
+        """The re-ranking state from its snapshot, brought to `rows` (the store's visible images of this
+        species) by removing, replacing and adding what differs; False when the snapshot does not fit."""
+        options = self.layout.rerank
+        try:
+            state = OnlineKReciprocal.load(path)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("re-ranking snapshot %s is unusable (%s): building the state from the store", path, exc)
+            return False
+        if (state.k1, state.k2, state.lambda_value, state.dim) != (options.k1, options.k2, options.lambda_value,
+                                                                    self.layout.dim):
+            return False
+        wanted = {r.image_id: r for r in rows}
+        kept = [int(k) for k in state.keys if int(k) in wanted]
+        stored = state.vectors_of(np.array(kept, dtype=np.int64)) if kept else []
+        changed = [k for k, vector in zip(kept, stored) if vector_to_blob(vector) != wanted[k].embedding]
+        gone = [int(k) for k in state.keys if int(k) not in wanted]
+        if gone or changed:
+            state.remove(np.array(gone + changed, dtype=np.int64))
+        self.state = state
+        fresh = [r for r in rows if r.image_id not in state]
+        self.add(fresh)
+        for row in rows:
+            self.owner[row.image_id] = row.individual_id
+            self.vector_hash[row.image_id] = hash(row.embedding)
+        log.info("re-ranking state of %d images loaded from %s (%d removed, %d replaced or added since)", len(rows),
+                 path, len(gone), len(fresh))
+        return True
+
     def remove(self, image_ids: list[int]) -> None:
         gone = [i for i in image_ids if i in self.owner]
         if not gone:
             return
+        self.changed = True
         if self.state is not None:
             self.state.remove(np.array(gone, dtype=np.int64))
         else:
@@ -156,6 +196,7 @@ class SpeciesGallery:
     def add(self, rows: list[GalleryRow]) -> None:
         if not rows:
             return
+        self.changed = True
         vectors = np.stack([blob_to_vector(r.embedding) for r in rows])
         ids = np.array([r.image_id for r in rows], dtype=np.int64)
         if self.state is not None:
@@ -234,8 +275,10 @@ class Galleries:
     """Every species' gallery; `layout(species)` says what each holds (service/networks.py, or the
     routes of identify-batch)."""
 
-    def __init__(self, store: Store, layout: LayoutOf, kind: str = "flat", ann_threshold: int = 200_000):
+    def __init__(self, store: Store, layout: LayoutOf, kind: str = "flat", ann_threshold: int = 200_000,
+                 snapshot_dir: Path | None = None):
         self.store, self.layout = store, layout
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
         self.kind, self.ann_threshold = kind, ann_threshold
         self.by_species: dict[str, SpeciesGallery] = {}
         self.seq = -1
@@ -265,7 +308,9 @@ class Galleries:
         fresh = {}
         for species, species_rows in grouped.items():
             gallery = self._new(species, len(species_rows))
-            gallery.add(species_rows)
+            snapshot = self.snapshot_path(species)
+            if not (snapshot and snapshot.is_file() and gallery.restore(snapshot, species_rows)):
+                gallery.add(species_rows)
             fresh[species] = gallery
         with self.lock:
             self.by_species, self.seq, self.foreign = fresh, seq, foreign
@@ -294,6 +339,28 @@ class Galleries:
                 gallery.apply(species_rows, self._usable)
             self.seq = seq
             return len(rows)
+
+    def snapshot_path(self, species: str) -> Path | None:
+        """Where a species' re-ranking state is kept: named by what it depends on (species, model, settings)."""
+        layout = self.layout(species)
+        if self.snapshot_dir is None or layout is None or not layout.rerank.k_reciprocal:
+            return None
+        spec = json.dumps([species, layout.stamp, asdict(layout.rerank)], sort_keys=True)
+        return self.snapshot_dir / f"rerank-{hashlib.sha256(spec.encode()).hexdigest()[:16]}.npz"
+
+    def save_snapshots(self) -> int:
+        """Write the re-ranking state of each gallery changed since its last snapshot; return how many."""
+        written = 0
+        with self.lock:
+            for species, gallery in self.by_species.items():
+                path = self.snapshot_path(species)
+                if path is None or gallery.state is None or not gallery.changed:
+                    continue
+                path.parent.mkdir(parents=True, exist_ok=True)
+                gallery.state.save(path)
+                gallery.changed = False
+                written += 1
+        return written
 
     def search(self, species: str, query: np.ndarray, top_k: int) -> list[Candidate]:
         with self.lock:

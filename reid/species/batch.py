@@ -352,7 +352,8 @@ class StoreGalleries:
         with self.timings("embedding"):
             rows = self._current(rows)
         with self.timings("search"):
-            galleries = Galleries(self.store, self.layout)
+            # the service's re-ranking snapshots (read only), so a large store's states are not built again
+            galleries = Galleries(self.store, self.layout, snapshot_dir=self.store_dir / "cache" / "rerank")
             galleries.rebuild(rows, self.seq)
         return galleries
 
