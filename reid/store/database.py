@@ -316,8 +316,10 @@ class Store:
                 conn = conn.execution_options(isolation_level="REPEATABLE READ")
             with conn.begin():
                 seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
-                rows = [GalleryRow(r.id, r.species, r.individual_id, r.embedding, r.embedding_model, bool(r.visible))
-                        for r in conn.execute(query.order_by(images.c.id))]
+                # ordered here, not by SQL: ORDER BY images.id makes SQLite walk the whole table in id order
+                # instead of the few rows the seq index finds (170 ms instead of 1 at 100,000 images)
+                rows = sorted((GalleryRow(r.id, r.species, r.individual_id, r.embedding, r.embedding_model,
+                                          bool(r.visible)) for r in conn.execute(query)), key=lambda row: row.image_id)
         return seq, rows
 
     # ------------------------------------------------------------------ API keys
