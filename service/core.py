@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from reid.errors import Conflict, InvalidInput, NotFound
 from reid.identify.animals import (Animal, Found, View, detected_animals, enrollable, given_animals, parse_detections,
                                    plan_bboxes)
-from reid.identify.gallery import Galleries, rerank_description
+from reid.identify.gallery import Galleries, rerank_description, single_threaded_blas
 from reid.identify.identify import identify
 from reid.identify.photos import Upload, decode_upload
 from reid.identify.reembed import reembed_stale, stored_view
@@ -42,6 +42,7 @@ class Service:
         self.integrity = FileIntegrity(on_change=metrics.corrupt_files.set)
         self.decode_budget = MemoryBudget(settings.decode_budget_bytes, settings.request_decode_budget_bytes,
                                           settings.decode_wait_s, on_change=metrics.decode_bytes.set)
+        self.blas = None  # the BLAS thread limit while the service runs (set by open)
         self.sweeper = Periodic(self._sweep_periodically, settings.orphan_sweep_interval_s, "wildreid-orphan-sweep")
         self.snapshotter = Periodic(self._snapshot_periodically, settings.rerank_snapshot_interval_s,
                                     "wildreid-rerank-snapshots")
@@ -55,12 +56,14 @@ class Service:
             torch.set_num_threads(settings.torch_threads)
         Image.MAX_IMAGE_PIXELS = settings.max_pixels
         return_large_frees_to_the_os()  # decoded photos' memory goes back when freed (service/budget.py)
+        blas = single_threaded_blas()  # gallery searches must not spin threads beside the model's
         settings.store_dir.mkdir(parents=True, exist_ok=True)
         models = Models(settings, metrics)
         store = Store(settings.url, settings.sqlite_synchronous)
         galleries = Galleries(store, models.layout, settings.index_kind, settings.ann_threshold,
                               settings.store_dir / "cache" / "rerank")
         service = cls(settings, store, models, galleries, metrics)
+        service.blas = blas
         service.sweep_orphans()
         service.reembed_stale()
         galleries.rebuild()
@@ -79,6 +82,8 @@ class Service:
         self.models.close()
         self._snapshot_periodically()
         self.store.close()
+        if self.blas is not None:
+            self.blas.restore_original_limits()
 
     def sweep_orphans(self) -> SweepResult:
         """Remove the image files no row names (older than the grace period) and cut-short temporary files."""

@@ -111,6 +111,18 @@ def rerank_description(layout: Layout) -> dict:
             "candidates": layout.candidates if layout.rerank.k_reciprocal else None}
 
 
+def single_threaded_blas():
+    """Keep the searches' BLAS (OpenBLAS) to one thread until the returned limiter's
+    `restore_original_limits()`.
+
+    An idle OpenBLAS worker spins for a while after each product, and on two cores that stole the
+    model's: a forward pass beside a 100,000-image search took 2.5 times as long. A server runs many
+    requests at once, so one thread a search loses nothing; torch's own threads are left as they are."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def individuals_of(hits: list[tuple[int, float, float]], owner: dict[int, int], top_k: int) -> list[Candidate]:
     """Image hits (image id, score, cosine), best first, grouped into the first `top_k` individuals."""
     found: dict[int, Candidate] = {}
@@ -161,19 +173,18 @@ class SpeciesGallery:
         if (state.k1, state.k2, state.lambda_value, state.dim) != (options.k1, options.k2, options.lambda_value,
                                                                     self.layout.dim):
             return False
-        wanted = {r.image_id: r for r in rows}
-        kept = [int(k) for k in state.keys if int(k) in wanted]
-        stored = state.vectors_of(np.array(kept, dtype=np.int64)) if kept else []
-        changed = [k for k, vector in zip(kept, stored) if vector_to_blob(vector) != wanted[k].embedding]
-        gone = [int(k) for k in state.keys if int(k) not in wanted]
-        if gone or changed:
-            state.remove(np.array(gone + changed, dtype=np.int64))
+        ids = np.array([r.image_id for r in rows], dtype=np.int64)
+        present = np.isin(ids, state.keys)
+        current = np.frombuffer(b"".join(r.embedding for r, here in zip(rows, present) if here), dtype="<f4")
+        changed = ids[present][np.any(state.vectors_of(ids[present]) != current.reshape(-1, state.dim), axis=1)]
+        gone = np.setdiff1d(state.keys, ids)
+        if len(gone) or len(changed):
+            state.remove(np.concatenate([gone, changed]))
         self.state = state
         fresh = [r for r in rows if r.image_id not in state]
         self.add(fresh)
-        for row in rows:
-            self.owner[row.image_id] = row.individual_id
-            self.vector_hash[row.image_id] = hash(row.embedding)
+        self.owner = {r.image_id: r.individual_id for r in rows}
+        self.vector_hash = {r.image_id: hash(r.embedding) for r in rows}
         log.info("re-ranking state of %d images loaded from %s (%d removed, %d replaced or added since)", len(rows),
                  path, len(gone), len(fresh))
         return True

@@ -557,6 +557,15 @@ class BatchRun:
     def run(self) -> BatchResult:
         from tqdm.auto import tqdm
 
+        from reid.identify.gallery import single_threaded_blas
+
+        blas = single_threaded_blas()  # searches between the chunks' forward passes, as in the service
+        try:
+            return self._run(tqdm)
+        finally:
+            blas.restore_original_limits()
+
+    def _run(self, tqdm) -> BatchResult:
         try:
             with self.timings("io"):
                 done = self._read_partial()
