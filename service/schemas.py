@@ -255,7 +255,7 @@ class Rerank(BaseModel):
     candidates: int | None = Field(None, description="gallery images re-ranked per query")
 
 
-class Animal(BaseModel):
+class AnimalOut(BaseModel):
     index: int
     species: str
     species_score: float | None = Field(None, description="the species classifier's confidence")
@@ -291,7 +291,7 @@ class PhotoOut(BaseModel):
 
 
 class IdentifyResponse(BaseModel):
-    animals: list[Animal]
+    animals: list[AnimalOut]
     photos: list[PhotoOut] = Field(description="what each photo holds (people and vehicles are counted, not kept)")
 
 

@@ -290,3 +290,21 @@ def test_identify_batch_and_the_service_give_the_same_answers(world, client, enr
         assert animal["decision"] == row.decision
         assert animal["candidates"][0]["individual_id"] == int(row.individual_id)
         assert animal["best_score"] == pytest.approx(float(row.score), abs=2e-6)
+
+
+def test_a_routes_file_naming_species_in_another_case_serves_the_stores_galleries(world, client, enrolled, tmp_path):
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(f"species:\n  Spotted-Cat: {world['root'] / 'cat.pt'}\n  STRIPED-ANTELOPE: "
+                      f"{world['root'] / 'antelope.pt'}\n")
+    settings = Settings(store_dir=client.app.state.service.settings.store_dir, routes=routes)
+    with TestClient(create_app(settings)) as other:
+        ready = other.get("/ready").json()
+        assert {m["species"] for m in ready["models"]} == {CAT, ANTELOPE}
+        assert ready["galleries"] == client.get("/ready").json()["galleries"] and ready["foreign_images"] == 0
+        species_of = {identity: species for identity, (_, _, species) in enrollable(world).items()}
+        info = next(info for identity, info in enrolled.items() if species_of[identity] == CAT)
+        box = box_of(world, info["file"], info["detection"])
+        answers = [c.post("/v1/identify", data={"species": "Spotted-Cat" if c is other else CAT, "bbox": box},
+                          files=[frame(world, info["file"])]).json()["animals"][0] for c in (client, other)]
+    assert answers[0]["candidates"] == answers[1]["candidates"]
+    assert answers[1]["species"] == CAT and answers[1]["candidates"][0]["individual_id"] == info["id"]

@@ -314,14 +314,15 @@ class StoreGalleries:
         self.router, self.stale, self.timings, self.crop_settings = router, stale, timings, crop_settings
         self.rerank, self.limits = rerank, limits or PhotoLimits()
         self.reembedded = 0
-        try:
-            self.seq, rows = self.store.gallery_rows(None)
-        except Exception as exc:  # noqa: BLE001 - SQLAlchemy errors of a database that is not a store
-            self.store.close()
-            raise ReidError(f"cannot read the store '{store_dir}': {exc}") from None
-        self._layouts: dict[str, object] = {}
-        rows = [r for r in rows if router.route(r.species) is not None]
-        self.names = self.store.names({r.individual_id for r in rows})
+        with timings("setup"):
+            try:
+                self.seq, rows = self.store.gallery_rows(None)
+            except Exception as exc:  # noqa: BLE001 - SQLAlchemy errors of a database that is not a store
+                self.store.close()
+                raise ReidError(f"cannot read the store '{store_dir}': {exc}") from None
+            self._layouts: dict[str, object] = {}
+            rows = [r for r in rows if router.route(r.species) is not None]
+            self.names = self.store.names({r.individual_id for r in rows})
         self.galleries = self._build(rows)
 
     def close(self) -> None:
@@ -351,7 +352,7 @@ class StoreGalleries:
                 self.layout(species)  # loads each checkpoint (and its calibration) now, not mid-search
         with self.timings("embedding"):
             rows = self._current(rows)
-        with self.timings("search"):
+        with self.timings("setup"):
             # the service's re-ranking snapshots (read only), so a large store's states are not built again
             galleries = Galleries(self.store, self.layout, snapshot_dir=self.store_dir / "cache" / "rerank")
             galleries.rebuild(rows, self.seq)
@@ -482,8 +483,10 @@ class BatchRun:
             self.detector = None if self.detections else (detector or RunDetector())
         with self.timings("setup"):
             _preload()
-            self.galleries = StoreGalleries(Path(store), database_url, router, stale, self.timings,
-                                            self.crop_settings, rerank)
+        # times its own stages: loading the store and models (setup), embedding stale images again
+        self.galleries = StoreGalleries(Path(store), database_url, router, stale, self.timings, self.crop_settings,
+                                        rerank)
+        with self.timings("setup"):
             # photos taken whole are decoded down to twice the largest input of the routed models
             self.draft_size = 2 * max(r.embedder.image_size for r in router.routes.values())
         self.partial = self.out.with_name(self.out.name + ".partial")
@@ -559,7 +562,8 @@ class BatchRun:
 
         from reid.identify.gallery import single_threaded_blas
 
-        blas = single_threaded_blas()  # searches between the chunks' forward passes, as in the service
+        with self.timings("setup"):
+            blas = single_threaded_blas()  # searches between the chunks' forward passes, as in the service
         try:
             return self._run(tqdm)
         finally:

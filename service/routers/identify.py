@@ -12,7 +12,7 @@ from reid.errors import InvalidInput
 from service.deps import LeaseDep, ReaderDep, ServiceDep
 from service.forms import StrictRoute
 from service.routers.common import errors
-from service.schemas import Animal, Candidate, IdentifyForm, IdentifyResponse, PhotoOut, Rerank, Thresholds
+from service.schemas import AnimalOut, Candidate, IdentifyForm, IdentifyResponse, PhotoOut, Rerank, Thresholds
 
 router = APIRouter(prefix="/v1", tags=["identify"], route_class=StrictRoute)
 
@@ -49,7 +49,7 @@ async def identify(service: ServiceDep, caller: ReaderDep, lease: LeaseDep,
         result = next(results) if model is not None else {"decision": "species-only", "best_score": None,
                                                          "candidates": [], "gallery_size": 0}
         confs = [view.conf for view in animal.views]
-        out.append(Animal(
+        out.append(AnimalOut(
             index=index, species=animal.species, species_score=animal.species_score,
             species_source=animal.species_source, detector=animal.source, images=[v.image for v in animal.views],
             bboxes=[list(b) for b in boxes] if any(boxes) else None,
