@@ -210,14 +210,14 @@ def test_sigkill_during_a_burst_leaves_a_reranking_state_equal_to_one_built_from
     answered: list[int] = []
     try:
         with httpx.Client(base_url=server.url, timeout=30) as client:
-            for n, photo in enumerate(photos[:30]):
+            for n, photo in enumerate(photos[:20]):
                 r = client.post("/v1/individuals", data={"name": f"ind-{n:02d}", "species": "zebra"}, headers=headers,
                                 files=[("images", (f"{n}.jpg", photo, "image/jpeg"))])
                 answered.append(r.json()["id"])
                 if n % 7 == 6:  # merges in the burst: images change owner, the state keeps them
                     client.post(f"/v1/individuals/{answered[-1]}/merge", json={"source_id": answered[-2]},
                                 headers=headers)
-                if n == 22:
+                if n == 15:
                     server.kill()  # SIGKILL: the last snapshot is older than the store
                     break
     except httpx.HTTPError:
@@ -230,10 +230,10 @@ def test_sigkill_during_a_burst_leaves_a_reranking_state_equal_to_one_built_from
     stored.close()
 
     with ServerProcess(store, tiny_checkpoint, "--settings", str(settings_file), log=tmp_path / "server.log") as again:
-        restored = identify_all(again.url, photos[:30])
+        restored = identify_all(again.url, photos[:20])
     for path in (store / "cache" / "rerank").glob("*"):
         path.unlink()
     with ServerProcess(store, tiny_checkpoint, "--settings", str(settings_file), log=tmp_path / "server.log") as fresh:
-        built = identify_all(fresh.url, photos[:30])
+        built = identify_all(fresh.url, photos[:20])
     assert restored == built
     assert all(describe.startswith("k-reciprocal k1=4 k2=2") for _, describe, _ in built)
