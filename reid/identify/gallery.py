@@ -146,7 +146,6 @@ class SpeciesGallery:
         self.layout = layout
         self.changed = True  # since the last snapshot
         self.owner: dict[int, int] = {}         # image id -> individual id
-        self.vector_hash: dict[int, int] = {}   # image id -> hash of its embedding's bytes
         options = layout.rerank
         if options.k_reciprocal:
             self.state = OnlineKReciprocal(k1=options.k1, k2=options.k2, lambda_value=options.lambda_value,
@@ -184,7 +183,6 @@ class SpeciesGallery:
         fresh = [r for r in rows if r.image_id not in state]
         self.add(fresh)
         self.owner = {r.image_id: r.individual_id for r in rows}
-        self.vector_hash = {r.image_id: hash(r.embedding) for r in rows}
         log.info("re-ranking state of %d images loaded from %s (%d removed, %d replaced or added since)", len(rows),
                  path, len(gone), len(fresh))
         return True
@@ -202,7 +200,7 @@ class SpeciesGallery:
             for vector_id in vector_ids:
                 del self.image_of[vector_id]
         for image_id in gone:
-            del self.owner[image_id], self.vector_hash[image_id]
+            del self.owner[image_id]
 
     def add(self, rows: list[GalleryRow]) -> None:
         if not rows:
@@ -218,12 +216,12 @@ class SpeciesGallery:
                 self.image_of[int(vector_id)] = int(image_id)
         for row in rows:
             self.owner[row.image_id] = row.individual_id
-            self.vector_hash[row.image_id] = hash(row.embedding)
 
     def apply(self, rows: list[GalleryRow], usable: Callable[[GalleryRow], bool]) -> None:
         """Changed rows of this species: owners of unchanged vectors move, the rest leave and come back."""
-        moved = [r for r in rows if r.visible and r.image_id in self.owner and usable(r)
-                 and self.vector_hash[r.image_id] == hash(r.embedding)]
+        present = [r for r in rows if r.visible and r.image_id in self.owner and usable(r)]
+        stored = self._vectors([r.image_id for r in present]) if present else []
+        moved = [r for r, vector in zip(present, stored) if vector_to_blob(vector) == r.embedding]
         for row in moved:
             self.owner[row.image_id] = row.individual_id
         kept = {r.image_id for r in moved}
