@@ -26,6 +26,12 @@ DEFAULTS: dict[str, Any] = {
         "crop_scale": 1.0,        # < 1: random resized crops keeping at least this share of the area
         "grayscale_p": 0.0,       # probability of a grayscale training image
         "erasing_p": 0.3,         # probability of erasing one or two random patches
+        "rotate_deg": 10.0,       # random rotation within +- this angle
+        "scale_min": 0.85,        # random zoom range
+        "scale_max": 1.1,
+        "context_swap_p": 0.0,    # share of training images given another photo's surroundings (reid/data/mixing.py)
+        "context_swap_keep": 0.34,  # half-width of the centred ellipse they keep, as a share of the image
+        "jitter": 0.25,           # brightness/contrast jitter (saturation and hue scale with it)
     },
     "model": {
         "backbone": "hf-hub:BVRA/MegaDescriptor-L-384",

@@ -53,7 +53,8 @@ def _history(run: Path) -> list[dict]:
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, synth_csv):
     config = _config_file(tmp_path, "train.epochs=3", "train.checkpoint_every=3", "train.patience=0",
-                          "train.warmup_epochs=1", "cv.split=closed")
+                          "train.warmup_epochs=1", "cv.split=closed",
+                          "data.context_swap_p=0.5")  # its draws must replay on resume too
     common = ["train", "--config", config, "--data", str(synth_csv), "--no-progress"]
     straight = tmp_path / "straight"
     _reid(*common, "--out", str(straight))

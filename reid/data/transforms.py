@@ -5,6 +5,7 @@ are the identity, and stretching them changes them.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import albumentations as A
@@ -22,32 +23,54 @@ def _letterbox(size: int) -> list:
             A.PadIfNeeded(min_height=size, min_width=size, border_mode=cv2.BORDER_CONSTANT, fill=0)]
 
 
-def build_transforms(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
-                     hflip: bool, crop_scale: float = 1.0, grayscale_p: float = 0.0,
-                     erasing_p: float = 0.3) -> A.Compose:
-    """Square `image_size` tensors, normalised; `train` adds augmentation, `hflip` mirror images.
+@dataclass(frozen=True)
+class Augmentation:
+    """How strongly training images are varied; every field is a `data.*` config key.
 
-    `crop_scale` < 1 adds random resized crops keeping that share of the area at least (a partly
-    framed animal), `grayscale_p` random grayscale (stripes, not coat colour), `erasing_p` random
-    erasing of one or two patches (occluding branches).
+    The geometric and photometric ranges should cover how photos of one individual differ between
+    encounters (pose, distance, camera tilt, light): a network trained on few encounters otherwise
+    learns those encounters instead of the coat.
     """
-    for name, value, low in (("data.crop_scale", crop_scale, 0.05), ("data.grayscale_p", grayscale_p, 0.0),
-                             ("data.erasing_p", erasing_p, 0.0)):
-        if not low <= value <= 1.0:
-            raise ConfigError(f"{name} is {value}; it must lie in [{low}, 1]")
+    crop_scale: float = 1.0        # < 1: random resized crops keeping at least this share of the area
+    grayscale_p: float = 0.0       # random grayscale (stripes, not coat colour)
+    erasing_p: float = 0.3         # random erasing of one or two patches (occluding branches)
+    rotate_deg: float = 10.0       # random rotation within +- this angle
+    scale_min: float = 0.85        # random zoom range
+    scale_max: float = 1.1
+    jitter: float = 0.25           # brightness and contrast jitter (saturation 0.8x, hue 0.12x of it)
+
+    @classmethod
+    def from_config(cls, data_cfg: dict) -> "Augmentation":
+        return cls(**{f.name: float(data_cfg[f.name]) for f in fields(cls)})
+
+    def check(self) -> None:
+        for name, low, high in (("crop_scale", 0.05, 1.0), ("grayscale_p", 0.0, 1.0), ("erasing_p", 0.0, 1.0),
+                                ("rotate_deg", 0.0, 180.0), ("scale_min", 0.1, 1.0), ("scale_max", 1.0, 4.0),
+                                ("jitter", 0.0, 1.0)):
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ConfigError(f"data.{name} is {value}; it must lie in [{low}, {high}]")
+
+
+def build_transforms(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
+                     hflip: bool, augmentation: Augmentation = Augmentation()) -> A.Compose:
+    """Square `image_size` tensors, normalised; `train` adds `augmentation`, `hflip` mirror images."""
+    aug = augmentation
+    aug.check()
     steps = _letterbox(image_size)
     if train:
-        if crop_scale < 1.0:
-            steps.append(A.RandomResizedCrop(size=(image_size, image_size), scale=(crop_scale, 1.0),
+        if aug.crop_scale < 1.0:
+            steps.append(A.RandomResizedCrop(size=(image_size, image_size), scale=(aug.crop_scale, 1.0),
                                              ratio=(0.8, 1.25), p=0.5))
         steps += [
-            A.Affine(scale=(0.85, 1.1), keep_ratio=True, translate_percent=(-0.06, 0.06), rotate=(-10, 10),
-                     border_mode=cv2.BORDER_CONSTANT, fill=0, p=0.8),
-            A.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.2, hue=0.03, p=0.8),
-            A.ToGray(p=grayscale_p),
+            A.Affine(scale=(aug.scale_min, aug.scale_max), keep_ratio=True, translate_percent=(-0.06, 0.06),
+                     rotate=(-aug.rotate_deg, aug.rotate_deg), border_mode=cv2.BORDER_CONSTANT, fill=0, p=0.8),
+            A.ColorJitter(brightness=aug.jitter, contrast=aug.jitter, saturation=0.8 * aug.jitter,
+                          hue=0.12 * aug.jitter, p=0.8),
+            A.ToGray(p=aug.grayscale_p),
             A.GaussianBlur(blur_limit=(3, 5), p=0.1),
             A.CoarseDropout(num_holes_range=(1, 2), hole_height_range=(0.1, 0.25),
-                            hole_width_range=(0.1, 0.25), fill=0, p=erasing_p),
+                            hole_width_range=(0.1, 0.25), fill=0, p=aug.erasing_p),
         ]
         if hflip:
             steps.append(A.HorizontalFlip(p=0.5))

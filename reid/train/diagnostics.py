@@ -50,7 +50,8 @@ def run_warnings(history: list[dict], best_epoch: int, monitor: str) -> list[str
         warnings.append(
             f"over-fitting: held-out {monitor} peaked at epoch {best_epoch + 1} of {len(trained)} and fell after; "
             "try a lower train.lr or train.head_lr_mult, train.freeze_bn=true, train.frozen_layers with "
-            "train.frozen_epochs, stronger augmentation (data.crop_scale, data.grayscale_p, data.erasing_p), "
+            "train.frozen_epochs, stronger augmentation (data.crop_scale, data.rotate_deg, data.scale_min, data.erasing_p), "
+            "data.context_swap_p when photos of one encounter share a background, "
             "train.ema_decay, or fewer train.epochs")
     best = next((row for row in trained if row["epoch"] == best_epoch), trained[-1])
     probe = best.get("train_probe") or {}

@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 from reid.data import classes
 from reid.data.dataset import ReIDDataset
+from reid.data.mixing import context_swap
 from reid.data.samplers import PKSampler
 from reid.data.splits import encounter_ids
-from reid.data.transforms import build_transforms, use_hflip
+from reid.data.transforms import Augmentation, build_transforms, use_hflip
 from reid.embedding import compute_embeddings
 from reid.errors import ConfigError, ReidError
 from reid.evaluation.metrics import retrieval_metrics
@@ -92,10 +93,13 @@ class FoldTrainer:
         self.identities, labels = classes.encode(classes.class_keys(train_table, self.class_mode))
         self.train_set = ReIDDataset(train_table["path"].tolist(), labels,
                                      build_transforms(size, self.mean, self.std, train=True, hflip=self.hflip,
-                                                      crop_scale=dcfg["crop_scale"], grayscale_p=dcfg["grayscale_p"],
-                                                      erasing_p=dcfg["erasing_p"]),
+                                                      augmentation=Augmentation.from_config(dcfg)),
                                      cache_images=dcfg["cache_images"], cache_size=int(size * 1.15))
         self.eval_transform = build_transforms(size, self.mean, self.std, train=False, hflip=False)
+        self.swap_p, self.swap_keep = float(dcfg["context_swap_p"]), float(dcfg["context_swap_keep"])
+        if not (0 <= self.swap_p <= 1 and 0.05 <= self.swap_keep <= 1):
+            raise ConfigError(f"data.context_swap_p is {self.swap_p} and data.context_swap_keep {self.swap_keep}; "
+                              "they must lie in [0, 1] and [0.05, 1]")
         # the viewpoint of each row when flanks are named: validation then splits its scores by flank
         self.views = classes.named_viewpoints(table).to_numpy() if classes.flank_count(table) > 1 else None
         scfg = cfg["sampler"]
@@ -292,6 +296,13 @@ class FoldTrainer:
             out["head"] = head[0]["lr"]
         return out
 
+    def _swap_context(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Context swap (reid/data/mixing.py), drawn from (seed, epoch, batch) alone so a resume replays it."""
+        if self.swap_p <= 0:
+            return images
+        generator = torch.Generator().manual_seed(hash((self.cfg["seed"], self.epoch, self.batch)) & (2 ** 62))
+        return context_swap(images, labels, self.swap_p, generator, self.swap_keep)
+
     def _train_epoch(self, net: torch.nn.Module, loader: DataLoader) -> dict:
         self._set_train_mode()
         device, every = self.ctx.device, self.cfg["train"]["checkpoint_every"]
@@ -303,6 +314,7 @@ class FoldTrainer:
             sync = boundary or not isinstance(net, DistributedDataParallel)
             with contextlib.nullcontext() if sync else net.no_sync():
                 with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=self.amp):
+                    images = self._swap_context(images, labels)
                     images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
                     loss, parts = net(images, labels.to(device, non_blocking=True))
                 self.scaler.scale(loss / self.accum).backward()
