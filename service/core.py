@@ -310,13 +310,16 @@ class Service:
                         "rerank": rerank_description(model.layout),
                         "candidates": [
                             {"rank": rank, "individual_id": c.individual_id, "name": names.get(c.individual_id, ""),
-                             "score": c.score, "cosine": c.cosine, "images": [vars(i) for i in c.images]}
+                             "score": c.score, "cosine": c.cosine, "viewpoint": c.viewpoint,
+                             "images": [vars(i) for i in c.images]}
                             for rank, c in enumerate(result.candidates, 1)]})
         return out
 
     # ------------------------------------------------------------------ writes
-    def new_images(self, found: Found, views: list[View], vectors: np.ndarray) -> list[NewImage]:
-        """Store the files (content-addressed, atomic) and describe the rows to insert."""
+    def new_images(self, found: Found, views: list[View], vectors: np.ndarray,
+                   viewpoints: list[str | None]) -> list[NewImage]:
+        """Store the files (content-addressed, atomic) and describe the rows to insert (`viewpoints`: the
+        flank each photo shows)."""
         out = []
         for view, vector in zip(views, vectors):
             upload = found.uploads[view.image]
@@ -324,22 +327,23 @@ class Service:
             self.integrity.intact(path)  # verified or written afresh
             out.append(NewImage(upload.sha256, path, upload.media_type, upload.width, upload.height,
                                 len(upload.data), vector, upload.filename,
-                                ",".join(f"{v:.6g}" for v in view.box) if view.box else None))
+                                ",".join(f"{v:.6g}" for v in view.box) if view.box else None,
+                                viewpoints[view.image]))
         return out
 
     def enroll(self, name: str, species: str, found: Found, views: list[View], vectors: np.ndarray,
-               model: SpeciesRoute, key_name: str | None, notes: str, observed_at: str | None,
-               location: str | None) -> dict:
-        rows = self.new_images(found, views, vectors)
+               viewpoints: list[str | None], model: SpeciesRoute, key_name: str | None, notes: str,
+               observed_at: str | None, location: str | None) -> dict:
+        rows = self.new_images(found, views, vectors, viewpoints)
         result = self.store.enroll(name, species, rows, model.network.stamp, key_name, notes, observed_at, location)
         self.galleries.sync()
         return result
 
     def add_sighting(self, individual_id: int, found: Found, views: list[View], vectors: np.ndarray,
-                     model: SpeciesRoute, key_name: str | None, notes: str, observed_at: str | None,
-                     location: str | None) -> dict:
+                     viewpoints: list[str | None], model: SpeciesRoute, key_name: str | None, notes: str,
+                     observed_at: str | None, location: str | None) -> dict:
         self.store.require_live(individual_id, "add images to")  # 404 / 409 before any file is written
-        rows = self.new_images(found, views, vectors)
+        rows = self.new_images(found, views, vectors, viewpoints)
         result = self.store.add_sighting(individual_id, rows, model.network.stamp, key_name, notes, observed_at,
                                          location)
         self.galleries.sync()

@@ -11,6 +11,8 @@ from reid.species.names import normalise_species
 # what a species field may hold as sent (stated in the OpenAPI schema): case and spaces are normalised away
 SPECIES_INPUT = r"^[ \t]*[A-Za-z0-9][A-Za-z0-9 \t_.\-]*$"
 OPTIONAL_SPECIES_INPUT = r"^[ \t]*([A-Za-z0-9][A-Za-z0-9 \t_.\-]*)?$"  # blank: not given
+# what a viewpoint may hold as sent (reid.data.classes.normalise_viewpoint makes it the stored form); blank: unknown
+VIEWPOINT_INPUT = r"^[ \t]*([A-Za-z0-9][A-Za-z0-9 \t_\-]*)?$"
 # text of one line (names, places, times): no control characters, NUL included (PostgreSQL refuses it)
 LINE = r"^[^\x00-\x1f\x7f]*$"
 # a name: one line with at least one character that is not a space
@@ -32,6 +34,10 @@ def _name(value: str | None) -> str | None:
 # where the animals are, instead of a bbox (the same field on every form that takes photos)
 Detections = Annotated[list[str], Field(description="one per image: the 'detections' list MegaDetector wrote for it "
                                                     "(JSON), instead of a bbox")]
+# the flank each photo shows, kept with its image (the same field on every form that stores photos)
+Viewpoints = Annotated[list[Annotated[str, Field(max_length=50, pattern=VIEWPOINT_INPUT)]],
+                       Field(description="the viewpoint (flank) the photos show, e.g. left or right (case and outer "
+                                         "spaces are ignored; blank: unknown): one for every photo or one per photo")]
 
 
 class Strict(BaseModel):
@@ -75,6 +81,7 @@ class EnrollForm(Strict):
     bbox: list[str] = Field(default_factory=list, description="x,y,w,h normalised: one for every photo or one per "
                                                               "photo (default: the detector's box, else the whole image)")
     detections: Detections = []
+    viewpoint: Viewpoints = []
 
     @field_validator("name")
     @classmethod
@@ -94,6 +101,7 @@ class SightingForm(Strict):
     location: Location = None
     bbox: list[str] = Field(default_factory=list)
     detections: Detections = []
+    viewpoint: Viewpoints = []
 
 
 # ---------------------------------------------------------------------- requests (JSON)
@@ -134,6 +142,10 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+ImageViewpoint = Annotated[str | None, Field(description="the viewpoint (flank) the photo shows, as recorded when it "
+                                                        "was stored; null when none was recorded")]
+
+
 class ImageOut(BaseModel):
     id: int
     individual_id: int
@@ -147,6 +159,7 @@ class ImageOut(BaseModel):
     size_bytes: int
     filename: str | None = None
     bbox: str | None = None
+    viewpoint: ImageViewpoint = None
     created_at: str
     file_url: str
 
@@ -160,6 +173,7 @@ class ImageBrief(BaseModel):
     height: int
     media_type: str
     bbox: str | None = None
+    viewpoint: ImageViewpoint = None
     created_at: str
     file_url: str
 
@@ -228,6 +242,8 @@ class ImageMatch(BaseModel):
     image_id: int
     score: float = Field(description="its ranking score: 1 - re-ranked distance, or the cosine without re-ranking")
     cosine: float = Field(description="cosine similarity of the fused query to this image")
+    viewpoint: str | None = Field(description="the flank of this gallery image, as recorded at enrollment; null when "
+                                              "none was recorded")
 
 
 class Candidate(BaseModel):
@@ -238,6 +254,8 @@ class Candidate(BaseModel):
                                      "re-ranked distance when re-ranking is on, else its cosine")
     cosine: float = Field(description="cosine similarity of the fused query to the individual's most similar "
                                       "image among the candidates")
+    viewpoint: str | None = Field(description="the flank of the individual's best-matching gallery image, as recorded "
+                                              "at enrollment; null when none was recorded")
     images: list[ImageMatch] = Field(description="its gallery images among the nearest neighbours, best first")
 
 

@@ -22,7 +22,7 @@ from reid.data.dataset import read_image
 from reid.embedding.embedder import Embedder
 from reid.errors import ReidError
 from reid.species.batch import (FixedSpecies, RESULT_COLUMNS, SpeciesNetFile, add_identify_batch_parser,
-                                identify_batch, list_photos)
+                                enroll_ground_truth, identify_batch, list_photos)
 from reid.species.camtrap import MEDIA_COLUMNS, OBSERVATION_COLUMNS
 from reid.species.crops import CropSettings, animal_crops, embedding_model
 from reid.species.megadetector import read_megadetector
@@ -246,6 +246,48 @@ def test_interrupted_run_resumes_to_the_same_csv(world):
     again = identify_batch(paths.images, out, Router.from_file(world["routes"]), gap_seconds=5, restart=True,
                            **options)
     assert again.processed == again.photos
+    # and so is one of an older wildreid, whose rows have other columns
+    partial.write_text(json.dumps({"format": "wildreid-identify-batch-1", "options": {}}) + "\n")
+    with pytest.raises(ReidError, match="another version of wildreid.*--restart"):
+        identify_batch(paths.images, out, Router.from_file(world["routes"]), **options)
+
+
+def test_demo_enroll_keeps_the_scenes_viewpoints_and_the_batch_names_the_flank_that_matched(world, tmp_path):
+    paths, truth = world["paths"], world["truth"]
+    router = Router.from_file(world["routes"])
+    store_dir = tmp_path / "store"
+    enrolled = enroll_ground_truth(world["scenes"], store_dir, router)
+    store = Store(f"sqlite:///{store_dir / 'wildreid.db'}")
+    expected = {}  # (file, detection) of each enrolled box -> (individual id, viewpoint)
+    for identity, info in enrolled.items():
+        (file,) = info["files"]
+        box = truth[(truth.file == file) & (truth.identity == identity)].iloc[0]
+        expected[(file, int(box.detection))] = (info["individual_id"], box.viewpoint)
+        (image,) = store.get_individual(info["individual_id"])["images"]
+        assert image["viewpoint"] == box.viewpoint and box.viewpoint in ("left", "right")
+    store.close()
+    result = identify_batch(paths.images, tmp_path / "results.csv", router, store_dir, detections=paths.detections,
+                            species_source=SpeciesNetFile(world["speciesnet"], paths.images), progress=False)
+    rows = pd.read_csv(result.out, keep_default_na=False).set_index(["file", "detection"])
+    for key, (individual_id, viewpoint) in expected.items():  # each enrolled crop finds itself, and its flank
+        assert (rows.loc[key, "individual_id"], rows.loc[key, "matched_viewpoint"]) == (str(individual_id), viewpoint)
+    identified = rows.individual_id != ""
+    assert set(rows.matched_viewpoint[identified]) <= {"left", "right"}
+    assert (rows.matched_viewpoint[~identified] == "").all()
+
+
+def test_a_store_of_an_older_schema_is_read_only_refused_not_upgraded(world, tmp_path, capsys):
+    from tests.test_service_store import make_schema_1_store, schema_version
+
+    url = f"sqlite:///{tmp_path / 'old-store' / 'wildreid.db'}"
+    make_schema_1_store(url)
+    code, _, err = run_cli(["--images", str(world["paths"].images), "--species", CAT, "--routes", str(world["routes"]),
+                            "--store", str(tmp_path / "old-store"), "--out", str(tmp_path / "r.csv")], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "schema version 1, older than this wildreid's (2): start `reid serve` on it once" in err
+    store = Store(url, create=False)
+    assert schema_version(store) == 1  # identify-batch only reads the store
+    store.close()
 
 
 def test_folder_without_detections_names_suffixes_mtimes_and_failures(world):

@@ -15,6 +15,7 @@ from reid.store import NewImage, Store, blob_to_vector
 DIM = 8
 RERANK = RerankOptions(k_reciprocal=True, k1=4, k2=2, lambda_value=0.3)
 LAYOUT = Layout("m", DIM, RERANK, "settings", candidates=20)
+VIEWPOINTS = ("left", "right", None)
 
 
 def unit(rng: np.random.Generator, centre: np.ndarray, noise: float = 0.6) -> np.ndarray:
@@ -31,11 +32,12 @@ class World:
         self.images = 0
 
     def photos(self, centre: np.ndarray, count: int) -> list[NewImage]:
+        """`count` photos of an individual, showing either flank or one not recorded."""
         out = []
         for _ in range(count):
             self.images += 1
             out.append(NewImage(f"{self.images:064x}", f"images/{self.images}.jpg", "image/jpeg", 8, 8, 100,
-                                unit(self.rng, centre)))
+                                unit(self.rng, centre), viewpoint=VIEWPOINTS[self.images % len(VIEWPOINTS)]))
         return out
 
     def live(self) -> list[int]:
@@ -70,7 +72,8 @@ class World:
                                   keys=np.array([r.image_id for r in rows]))
         distances, keys, cosines = state.rerank(query[None, :], candidates=min(len(rows), LAYOUT.candidates))
         hits = [(int(k), 1.0 - float(d), float(c)) for d, k, c in zip(distances[0], keys[0], cosines[0])]
-        return individuals_of(hits, {r.image_id: r.individual_id for r in rows}, top_k)
+        return individuals_of(hits, {r.image_id: r.individual_id for r in rows},
+                              {r.image_id: r.viewpoint for r in rows}, top_k)
 
 
 OPS = st.lists(st.tuples(st.sampled_from(["enroll", "sighting", "merge", "delete", "restore"]),
@@ -96,6 +99,43 @@ def test_reranked_answers_equal_offline_reranking_after_any_curation(tmp_path_fa
         expected = world.offline(query, 3)
         assert galleries.search("zebra", query, 3) == expected
         assert restarted.search("zebra", query, 3) == expected
+    world.store.close()
+
+
+@pytest.mark.parametrize("layout", [Layout("m", DIM), LAYOUT], ids=["cosine", "reranked"])
+def test_each_image_keeps_its_viewpoint_through_merge_delete_and_restore(tmp_path, layout):
+    """A candidate says the flank of its best image: the one recorded with it, wherever merges, deletes,
+    restores, a restart or a re-ranking snapshot have taken the image since."""
+    world = World(f"sqlite:///{tmp_path / 'wildreid.db'}", seed=3)
+    left, right = world.rng.standard_normal(DIM), world.rng.standard_normal(DIM)
+    a = world.store.enroll("A", "zebra", [NewImage("a" * 64, "images/a.jpg", "image/jpeg", 8, 8, 100,
+                                                   unit(world.rng, left, 0.0), viewpoint="left")], "m", "k")
+    b = world.store.enroll("B", "zebra", [NewImage("b" * 64, "images/b.jpg", "image/jpeg", 8, 8, 100,
+                                                   unit(world.rng, right, 0.0), viewpoint="right")], "m", "k")
+    a, b = a["individual_id"], b["individual_id"]
+    galleries = Galleries(world.store, lambda species: layout, snapshot_dir=tmp_path / "snapshots")
+    galleries.rebuild()
+
+    def flanks(query: np.ndarray) -> list[tuple[int, str | None, list[str | None]]]:
+        return [(c.individual_id, c.viewpoint, [i.viewpoint for i in c.images])
+                for c in galleries.search("zebra", unit(world.rng, query, 0.0), 2)]
+
+    assert flanks(right) == [(b, "right", ["right"]), (a, "left", ["left"])]
+    world.store.merge(a, b, "k")  # B's right flank is now A's
+    galleries.sync()
+    assert flanks(right) == [(a, "right", ["right", "left"])]
+    assert flanks(left) == [(a, "left", ["left", "right"])]
+    world.store.set_deleted(a, True, "k")
+    galleries.sync()
+    assert flanks(right) == []
+    world.store.set_deleted(a, False, "k")
+    galleries.sync()
+    assert flanks(right) == [(a, "right", ["right", "left"])]
+    galleries.save_snapshots()
+    restarted = Galleries(world.store, lambda species: layout, snapshot_dir=tmp_path / "snapshots")
+    restarted.rebuild()  # from the snapshot when re-ranked
+    assert restarted.search("zebra", unit(world.rng, right, 0.0), 2) == galleries.search(
+        "zebra", unit(world.rng, right, 0.0), 2)
     world.store.close()
 
 

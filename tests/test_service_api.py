@@ -184,6 +184,46 @@ def test_bbox_crops_and_one_animal_per_bbox(app_client, auth, photos):
     assert app_client.get(f"/v1/individuals/{a['id']}").json()["images"][0]["bbox"] == "0.25,0.25,0.5,0.5"
 
 
+def test_photos_keep_their_viewpoint_and_a_candidate_says_which_flank_matched(app_client, auth, photos):
+    left, right = photos["synth_002"][0], photos["synth_002"][2]  # two encounters: two different photos
+    body = enroll(app_client, auth, "Flanks", "viewpoint-test", left, right, viewpoint=["left", "Right "])
+    assert [i["viewpoint"] for i in body["images"]] == ["left", "right"]
+    assert app_client.get(f"/v1/images/{body['images'][1]['id']}").json()["viewpoint"] == "right"
+    other = enroll(app_client, auth, "Unrecorded", "viewpoint-test", photos["synth_003"][0])
+    assert other["images"][0]["viewpoint"] is None
+    animal = identify(app_client, "viewpoint-test", right, top_k=2)["animals"][0]
+    best, second = animal["candidates"]
+    assert best["individual_id"] == body["id"] and best["viewpoint"] == "right"
+    assert best["images"][0] == {**best["images"][0], "image_id": body["images"][1]["id"], "viewpoint": "right"}
+    assert [i["viewpoint"] for i in best["images"]] == ["right", "left"]
+    assert second["individual_id"] == other["id"] and second["viewpoint"] is None
+    # one viewpoint for every photo of a sighting
+    r = app_client.post(f"/v1/individuals/{body['id']}/images", files=files(photos["synth_002"][1],
+                                                                           photos["synth_002"][3]),
+                        data={"viewpoint": " LEFT"}, headers=auth)
+    assert r.status_code == 201, r.text
+    added = [i for i in r.json()["individual"]["images"] if i["id"] in r.json()["image_ids"]]
+    assert [i["viewpoint"] for i in added] == ["left", "left"]
+
+
+def test_viewpoints_are_one_for_every_photo_or_one_per_photo_and_well_formed(app_client, auth, service, photos):
+    blob = photos["synth_004"][1]
+    target = enroll(app_client, auth, "Target", "viewpoint-test-2", blob)
+    before = snapshot(service)
+    form = {"name": "X", "species": "viewpoint-test-2"}
+    error = assert_error(app_client.post("/v1/individuals", data={**form, "viewpoint": ["left", "right", "left"]},
+                                         files=files(blob, blob), headers=auth), 422, "invalid_viewpoint")
+    assert "3 viewpoints for 2 images" in error["message"]
+    error = assert_error(app_client.post(f"/v1/individuals/{target['id']}/images", data={"viewpoint": ["left"] * 2},
+                                         files=files(blob, blob, blob), headers=auth), 422, "invalid_viewpoint")
+    assert "2 viewpoints for 3 images" in error["message"]
+    for bad in ("left!", "x" * 51, "-left", "left\nright"):
+        error = assert_error(app_client.post("/v1/individuals", data={**form, "viewpoint": bad}, files=files(blob),
+                                             headers=auth), 422, "validation_error")
+        assert error["message"].startswith("invalid request: viewpoint.0:"), error
+    assert snapshot(service) == before  # refused before any photo was stored
+
+
 def test_species_is_required_only_when_the_store_holds_several(app_client, photos):
     r = app_client.post("/v1/identify", files=files(photos["synth_000"][0]))
     assert_error(r, 422, "species_required")

@@ -54,10 +54,11 @@ def box_of(world, file: str, detection: int) -> str:
     return ",".join(str(v) for v in row[["x", "y", "w", "h"]].iloc[0])
 
 
-def enrollable(world) -> dict[str, tuple[str, int, str]]:
-    """identity -> (file, detection, species) of its first box (every box of these scenes is large enough)."""
+def enrollable(world) -> dict[str, tuple[str, int, str, str]]:
+    """identity -> (file, detection, species, viewpoint) of its first box (every box of these scenes is large
+    enough)."""
     animals = world["truth"][world["truth"].category == "animal"].drop_duplicates("identity")
-    return {row.identity: (row.file, int(row.detection), row.species) for row in animals.itertuples()}
+    return {row.identity: (row.file, int(row.detection), row.species, row.viewpoint) for row in animals.itertuples()}
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +71,15 @@ def client(world, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def enrolled(world, client) -> dict[str, dict]:
-    """Each individual enrolled from a full frame and the bbox of its box there."""
+    """Each individual enrolled from a full frame, with the bbox and the viewpoint of its box there."""
     out = {}
-    for identity, (file, detection, species) in enrollable(world).items():
+    for identity, (file, detection, species, viewpoint) in enrollable(world).items():
         r = client.post("/v1/individuals", data={"name": identity, "species": species,
-                                                 "bbox": box_of(world, file, detection)},
+                                                 "bbox": box_of(world, file, detection), "viewpoint": viewpoint},
                         files=[frame(world, file)])
         assert r.status_code == 201, r.text
-        out[identity] = {**r.json(), "file": file, "detection": detection}
+        assert r.json()["images"][0]["viewpoint"] == viewpoint
+        out[identity] = {**r.json(), "file": file, "detection": detection, "viewpoint": viewpoint}
     return out
 
 
@@ -119,6 +121,7 @@ def test_full_frames_with_detections_find_the_enrolled_individuals(world, client
         assert animal["detector"] == "detections" and animal["detection_conf"] is not None
         assert animal["decision"] == "match" and animal["candidates"][0]["individual_id"] == info["id"]
         assert animal["candidates"][0]["score"] >= 0.9999  # the query is cut as the gallery image was
+        assert animal["candidates"][0]["viewpoint"] == info["viewpoint"]
         assert animal["model"] == models[info["species"]] and len(result["animals"]) == len(animals)
 
 
@@ -263,6 +266,7 @@ def test_identify_batch_reads_what_the_service_enrolled_without_embedding_again(
     for identity, info in enrolled.items():
         row = rows[(rows.file == info["file"]) & (rows.detection == info["detection"])].iloc[0]
         assert (row.decision, int(row.individual_id)) == ("match", info["id"]) and float(row.score) >= 0.9999
+        assert row.matched_viewpoint == info["viewpoint"]
 
 
 def test_identify_batch_and_the_service_give_the_same_answers(world, client, enrolled, tmp_path):
@@ -289,6 +293,7 @@ def test_identify_batch_and_the_service_give_the_same_answers(world, client, enr
         (animal,) = r.json()["animals"]
         assert animal["decision"] == row.decision
         assert animal["candidates"][0]["individual_id"] == int(row.individual_id)
+        assert animal["candidates"][0]["viewpoint"] == (row.matched_viewpoint or None)  # the CSV: "" for none
         assert animal["best_score"] == pytest.approx(float(row.score), abs=2e-6)
 
 
@@ -301,7 +306,7 @@ def test_a_routes_file_naming_species_in_another_case_serves_the_stores_gallerie
         ready = other.get("/ready").json()
         assert {m["species"] for m in ready["models"]} == {CAT, ANTELOPE}
         assert ready["galleries"] == client.get("/ready").json()["galleries"] and ready["foreign_images"] == 0
-        species_of = {identity: species for identity, (_, _, species) in enrollable(world).items()}
+        species_of = {identity: species for identity, (_, _, species, _) in enrollable(world).items()}
         info = next(info for identity, info in enrolled.items() if species_of[identity] == CAT)
         box = box_of(world, info["file"], info["detection"])
         answers = [c.post("/v1/identify", data={"species": "Spotted-Cat" if c is other else CAT, "bbox": box},

@@ -16,13 +16,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sqlalchemy import inspect, select, update
+
 from service.batching import MicroBatcher, ModelRunner
-from reid.errors import Conflict, InvalidInput, RequestError, TooLarge
+from reid.errors import Conflict, InvalidInput, ReidError, RequestError, TooLarge
 from service.errors import status_of
 from reid.evaluation.evaluate import RerankOptions
 from reid.identify.gallery import Galleries, Layout
 from reid.identify.photos import decode_upload, parse_bbox
 from reid.store import NewImage, Store, normalise_url
+from reid.store.database import SCHEMA_VERSION, meta
 from service.testing import encode, noise_image, png_with_dimensions, truncated
 
 DIM = 8
@@ -36,8 +39,8 @@ def vec(seed: int) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def image(seed: int) -> NewImage:
-    return NewImage(f"{seed:064x}", f"images/{seed}.jpg", "image/jpeg", 8, 8, 100, vec(seed))
+def image(seed: int, viewpoint: str | None = None) -> NewImage:
+    return NewImage(f"{seed:064x}", f"images/{seed}.jpg", "image/jpeg", 8, 8, 100, vec(seed), viewpoint=viewpoint)
 
 
 def searchable(galleries: Galleries) -> dict[int, int]:
@@ -191,6 +194,92 @@ def test_images_of_another_model_are_not_searched(sqlite_url):
     assert galleries.sizes() == {"zebra": 1} and galleries.foreign == 1
 
 
+# ---------------------------------------------------------------------- schema versions
+def set_schema_version(url: str, version: int) -> None:
+    store = Store(url, create=False)
+    with store.engine.begin() as conn:
+        conn.execute(update(meta).where(meta.c.id == 1).values(schema_version=version))
+    store.close()
+
+
+def schema_version(store: Store) -> int:
+    with store.read() as conn:
+        return conn.execute(select(meta.c.schema_version)).scalar_one()
+
+
+def make_schema_1_store(url: str) -> tuple[dict[int, int], int]:
+    """A store as schema version 1 left it (images without a viewpoint column) with a few individuals;
+    returns its searchable images (image id -> individual id) and its change sequence."""
+    store = Store(url)
+    a = store.enroll("A", "zebra", [image(1), image(2)], "m", "k")["individual_id"]
+    store.enroll("B", "zebra", [image(3)], "m", "k")
+    store.add_sighting(a, [image(4)], "m", "k")
+    rows, seq = truth(store), store.change_seq()
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE images DROP COLUMN viewpoint")
+    store.close()
+    set_schema_version(url, 1)
+    return rows, seq
+
+
+def image_columns(store: Store) -> set[str]:
+    return {column["name"] for column in inspect(store.engine).get_columns("images")}
+
+
+def check_schema_1_store_is_upgraded(url: str) -> None:
+    """An old store is refused by a read-only open (identify-batch), upgraded by a normal one by two
+    processes at once (each its own engine), keeps its rows, and records viewpoints from then on."""
+    before, seq = make_schema_1_store(url)
+    with pytest.raises(ReidError, match="schema version 1, older than this wildreid's"):
+        Store(url, create=False).check_schema()
+    barrier, opened, failures = threading.Barrier(2), [], []
+
+    def open_store():
+        barrier.wait()
+        try:
+            opened.append(Store(url))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == [] and len(opened) == 2
+    store = opened[0]
+    assert schema_version(store) == SCHEMA_VERSION == 2 and "viewpoint" in image_columns(store)
+    assert truth(store) == before and store.change_seq() == seq  # the upgrade is no change of the gallery
+    a = store.get_individual(1)
+    assert [i["viewpoint"] for i in a["images"]] == [None, None, None]
+    made = store.add_sighting(1, [image(5, "left")], "m", "k")
+    assert store.get_image(made["image_ids"][0])["viewpoint"] == "left"
+    galleries = Galleries(opened[1], LAYOUT)
+    galleries.rebuild()
+    (match,) = galleries.search("zebra", vec(5), 1)
+    assert (match.individual_id, match.viewpoint) == (1, "left")
+    Store(url, create=False).check_schema()  # read-only opens take the upgraded store
+    for each in opened:
+        each.close()
+
+
+def test_a_schema_1_sqlite_store_is_upgraded_when_opened(sqlite_url):
+    check_schema_1_store_is_upgraded(sqlite_url)
+
+
+def check_newer_schema_is_refused(url: str) -> None:
+    Store(url).close()
+    set_schema_version(url, 99)
+    for opening in (lambda: Store(url), lambda: Store(url, create=False).check_schema()):
+        with pytest.raises(ReidError, match=f"schema version 99, newer than this wildreid knows \\(up to "
+                                            f"{SCHEMA_VERSION}\\): upgrade wildreid"):
+            opening()
+
+
+def test_a_store_of_a_newer_schema_is_refused(sqlite_url):
+    check_newer_schema_is_refused(sqlite_url)
+
+
 def test_database_url_without_driver_uses_psycopg():
     assert normalise_url("postgresql://u:p@h/db") == "postgresql+psycopg://u:p@h/db"
     assert normalise_url("sqlite:///x.db") == "sqlite:///x.db"
@@ -336,6 +425,14 @@ def test_postgres_two_instances_share_one_population(postgres_url, layout):
 
 def test_postgres_concurrent_merges_of_one_pair(postgres_url):
     check_concurrent_merges(postgres_url)
+
+
+def test_postgres_schema_1_store_is_upgraded_when_opened(postgres_url):
+    check_schema_1_store_is_upgraded(postgres_url)
+
+
+def test_postgres_store_of_a_newer_schema_is_refused(postgres_url):
+    check_newer_schema_is_refused(postgres_url)
 
 
 def test_postgres_crash_between_commit_and_index(postgres_url):

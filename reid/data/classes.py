@@ -9,6 +9,8 @@ either flank still finds its animal (see `reid.evaluation.metrics` for the flank
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 
@@ -16,6 +18,24 @@ from reid.errors import ConfigError
 
 MODES = ("auto", "identity", "identity_viewpoint")
 SEPARATOR = "|"
+# a viewpoint as the store keeps it with each image, and as answers give the flank that matched
+VIEWPOINT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9 _\-]{0,49}$")
+VIEWPOINT_RULE = ("a viewpoint must be 1-50 characters: letters, digits, space, '_', '-', starting with a letter or "
+                  "digit (e.g. left, right)")
+
+
+def normalise_viewpoint(value: str | None) -> str | None:
+    """The stored form of a photo's viewpoint: lower case, inner runs of spaces made one, outer spaces
+    removed; None (unknown) for None or blank. ValueError for one outside VIEWPOINT_PATTERN once
+    normalised."""
+    if value is None:
+        return None
+    value = " ".join(value.strip().lower().split())
+    if not value:
+        return None
+    if not VIEWPOINT_PATTERN.match(value):
+        raise ValueError(VIEWPOINT_RULE)
+    return value
 
 
 def named_viewpoints(table: pd.DataFrame) -> pd.Series | None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from reid.data.classes import normalise_viewpoint
 from reid.errors import DataError, InvalidInput
 from reid.species.crops import ANIMAL, HUMAN_CATEGORIES, VEHICLE, CropSettings, confident
 from reid.species.jsoncheck import Position
@@ -106,6 +107,25 @@ def plan_bboxes(texts: list[str], n_images: int, multi_animal: bool) -> list[lis
         return [[(0, box)] for box in boxes]
     raise InvalidInput(f"{len(boxes)} bboxes for {n_images} images: give none, one for every image, or one per "
                        "image" + (" (or several for a single image)" if multi_animal else ""), code="invalid_bbox")
+
+
+def plan_viewpoints(texts: list[str], n_images: int) -> list[str | None]:
+    """The viewpoint (flank) each photo shows, normalised (None: unknown): none given, every photo's is
+    unknown; one, every photo shows it; else one per photo."""
+    viewpoints = []
+    for index, text in enumerate(texts):
+        try:
+            viewpoints.append(normalise_viewpoint(text))
+        except ValueError as exc:
+            raise InvalidInput(f"viewpoint[{index}] {text!r}: {exc}", code="invalid_viewpoint") from None
+    if not viewpoints:
+        return [None] * n_images
+    if len(viewpoints) == 1:
+        return viewpoints * n_images
+    if len(viewpoints) == n_images:
+        return viewpoints
+    raise InvalidInput(f"{len(viewpoints)} viewpoints for {n_images} images: give none, one for every image, or one "
+                       "per image", code="invalid_viewpoint")
 
 
 def _view(upload: Upload, index: int, box: Box | None, conf: float | None, crops: CropSettings) -> View:

@@ -13,7 +13,8 @@ A species whose re-ranking is on keeps its images in an `OnlineKReciprocal` stat
 exact neighbour lists and sparse k-reciprocal encoding, updated image by image as they are added
 and removed), which also answers its cosine searches; one without keeps them in a `GalleryIndex`
 (exact, or approximate for very large galleries). Either way a candidate is an individual, ranked
-by its best image, and every candidate says both its ranking score and its raw cosine.
+by its best image, and every candidate says both its ranking score and its raw cosine, and the
+viewpoint (flank) its best image was enrolled with: which of its coat patterns matched.
 
 Building a re-ranking state means every image's exact neighbours: minutes for 100,000 images on
 two cores. So each state is also kept as a snapshot file (`save_snapshots`: at start once built,
@@ -51,14 +52,17 @@ class ImageHit:
     image_id: int
     score: float   # the ranking score: 1 - re-ranked distance, or the cosine without re-ranking
     cosine: float
+    viewpoint: str | None  # as recorded with the gallery image; None: unknown
 
 
 @dataclass
 class Candidate:
-    """An individual as answered: ranked by its best image; `cosine` is its best image's cosine."""
+    """An individual as answered: ranked by its best image, whose viewpoint (the flank that matched) it
+    gives; `cosine` is the best cosine of its images."""
     individual_id: int
     score: float
     cosine: float
+    viewpoint: str | None
     images: list[ImageHit] = field(default_factory=list)  # best first
 
 
@@ -123,8 +127,10 @@ def single_threaded_blas():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def individuals_of(hits: list[tuple[int, float, float]], owner: dict[int, int], top_k: int) -> list[Candidate]:
-    """Image hits (image id, score, cosine), best first, grouped into the first `top_k` individuals."""
+def individuals_of(hits: list[tuple[int, float, float]], owner: dict[int, int], viewpoint_of: dict[int, str | None],
+                   top_k: int) -> list[Candidate]:
+    """Image hits (image id, score, cosine), best first, grouped into the first `top_k` individuals
+    (`owner` and `viewpoint_of`: each image's individual and viewpoint)."""
     found: dict[int, Candidate] = {}
     for image_id, score, cosine in hits:
         individual = owner[image_id]
@@ -132,20 +138,21 @@ def individuals_of(hits: list[tuple[int, float, float]], owner: dict[int, int], 
         if candidate is None:
             if len(found) == top_k:
                 continue
-            candidate = found[individual] = Candidate(individual, score, cosine)
+            candidate = found[individual] = Candidate(individual, score, cosine, viewpoint_of[image_id])
         candidate.cosine = max(candidate.cosine, cosine)
         if len(candidate.images) < IMAGES_PER_CANDIDATE:
-            candidate.images.append(ImageHit(image_id, score, cosine))
+            candidate.images.append(ImageHit(image_id, score, cosine, viewpoint_of[image_id]))
     return list(found.values())
 
 
 class SpeciesGallery:
-    """One species' visible images: vectors by image id, and each image's individual."""
+    """One species' visible images: vectors by image id, and each image's individual and viewpoint."""
 
     def __init__(self, layout: Layout, kind: str):
         self.layout = layout
         self.changed = True  # since the last snapshot
         self.owner: dict[int, int] = {}         # image id -> individual id
+        self.viewpoint_of: dict[int, str | None] = {}  # image id -> the viewpoint recorded with it
         options = layout.rerank
         if options.k_reciprocal:
             self.state = OnlineKReciprocal(k1=options.k1, k2=options.k2, lambda_value=options.lambda_value,
@@ -183,6 +190,7 @@ class SpeciesGallery:
         fresh = [r for r in rows if r.image_id not in state]
         self.add(fresh)
         self.owner = {r.image_id: r.individual_id for r in rows}
+        self.viewpoint_of = {r.image_id: r.viewpoint for r in rows}
         log.info("re-ranking state of %d images loaded from %s (%d removed, %d replaced or added since)", len(rows),
                  path, len(gone), len(fresh))
         return True
@@ -201,6 +209,7 @@ class SpeciesGallery:
                 del self.image_of[vector_id]
         for image_id in gone:
             del self.owner[image_id]
+            del self.viewpoint_of[image_id]
 
     def add(self, rows: list[GalleryRow]) -> None:
         if not rows:
@@ -215,7 +224,12 @@ class SpeciesGallery:
                 self.vector_of[int(image_id)] = int(vector_id)
                 self.image_of[int(vector_id)] = int(image_id)
         for row in rows:
-            self.owner[row.image_id] = row.individual_id
+            self._describe(row)
+
+    def _describe(self, row: GalleryRow) -> None:
+        """Keep an image's individual and viewpoint as the row says."""
+        self.owner[row.image_id] = row.individual_id
+        self.viewpoint_of[row.image_id] = row.viewpoint
 
     def apply(self, rows: list[GalleryRow], usable: Callable[[GalleryRow], bool]) -> None:
         """Changed rows of this species: owners of unchanged vectors move, the rest leave and come back."""
@@ -223,7 +237,7 @@ class SpeciesGallery:
         stored = self._vectors([r.image_id for r in present]) if present else []
         moved = [r for r, vector in zip(present, stored) if vector_to_blob(vector) == r.embedding]
         for row in moved:
-            self.owner[row.image_id] = row.individual_id
+            self._describe(row)
         kept = {r.image_id for r in moved}
         self.remove([r.image_id for r in rows if r.image_id not in kept])
         self.add([r for r in rows if r.image_id not in kept and r.visible and usable(r)])
@@ -248,7 +262,7 @@ class SpeciesGallery:
         shown = min(len(self), max(self.layout.candidates, top_k))
         distances, keys, cosines = self.state.rerank(query[None, :], candidates=shown)
         hits = [(int(k), 1.0 - float(d), float(c)) for d, k, c in zip(distances[0], keys[0], cosines[0])]
-        return individuals_of(hits, self.owner, top_k)
+        return individuals_of(hits, self.owner, self.viewpoint_of, top_k)
 
     def _by_cosine(self, query: np.ndarray, top_k: int) -> list[Candidate]:
         """Exact for a flat index: hits come best first, so asking for more neighbours until top_k
@@ -257,7 +271,8 @@ class SpeciesGallery:
         k = min(size, max(8 * top_k, 64))
         while True:
             cosines, ids = self._cosine_hits(query, k)
-            candidates = individuals_of([(i, c, c) for i, c in zip(ids, cosines)], self.owner, top_k)
+            candidates = individuals_of([(i, c, c) for i, c in zip(ids, cosines)], self.owner, self.viewpoint_of,
+                                        top_k)
             if len(candidates) >= top_k or k >= size:
                 return candidates
             k = min(size, k * 4)

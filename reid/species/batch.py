@@ -8,7 +8,8 @@ each confident detection one result row: people `human`, vehicles `vehicle`, pho
 fixed name), are routed to that species' re-ID checkpoint (reid.species.routing) and searched in
 the store's gallery of that species only: `match` / `uncertain` / `new` by the route's
 thresholds, or `species-only` when there is no re-ID model for the species (or the box is too
-small to re-identify).
+small to re-identify). `matched_viewpoint` is the viewpoint (flank) recorded with the top
+candidate's best-matching gallery image, empty when none was recorded.
 
 The gallery of a route is the store's visible images of its species. Vectors the store holds from
 another model (another checkpoint or TTA) are never mixed with this model's: those images are
@@ -32,19 +33,20 @@ import posixpath
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
 
 RESULT_COLUMNS = ["file", "detection", "category", "conf", "x", "y", "w", "h", "species", "species_score",
-                  "individual_id", "individual_name", "score", "decision", "encounter", "camera", "datetime",
-                  "datetime_source", "model", "note"]
+                  "individual_id", "individual_name", "score", "matched_viewpoint", "decision", "encounter", "camera",
+                  "datetime", "datetime_source", "model", "note"]
 DECISIONS = ("match", "uncertain", "new", "species-only", "human", "vehicle", "blank", "failed")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 EXIF_IFD, DATETIME_ORIGINAL, OFFSET_TIME_ORIGINAL = 0x8769, 0x9003, 0x9011
 EXIF_FORMAT = "%Y:%m:%d %H:%M:%S"
-PARTIAL_FORMAT = "wildreid-identify-batch-1"
+PARTIAL_KIND = "wildreid-identify-batch"
+PARTIAL_FORMAT = f"{PARTIAL_KIND}-2"  # 2: rows with matched_viewpoint
 TIMING_STAGES = ("setup", "io", "detection", "species", "embedding", "search")
 
 
@@ -316,6 +318,7 @@ class StoreGalleries:
         self.reembedded = 0
         with timings("setup"):
             try:
+                self.store.check_schema()  # read only: a store of an older schema is not upgraded here
                 self.seq, rows = self.store.gallery_rows(None)
             except Exception as exc:  # noqa: BLE001 - SQLAlchemy errors of a database that is not a store
                 self.store.close()
@@ -362,7 +365,7 @@ class StoreGalleries:
         """The rows with this run's models' vectors: stale ones embedded again (or refused)."""
         from reid.errors import ReidError
         from reid.identify.reembed import reembed_stale, stored_view
-        from reid.store import GalleryRow, vector_to_blob
+        from reid.store import vector_to_blob
 
         stale = [r for r in rows if r.embedding_model != self.layout(r.species).stamp]
         if not stale:
@@ -393,8 +396,8 @@ class StoreGalleries:
             done, _ = reembed_stale(self.store, species, self.layout(species).stamp, embedder.embed_images, view, keep,
                                     embedder.batch_size)
             self.reembedded += done
-        return [GalleryRow(r.image_id, r.species, r.individual_id, fresh[r.image_id], self.layout(r.species).stamp,
-                           r.visible) if r.image_id in fresh else r for r in rows]
+        return [replace(r, embedding=fresh[r.image_id], embedding_model=self.layout(r.species).stamp)
+                if r.image_id in fresh else r for r in rows]
 
     def identify(self, species: str, vector, thresholds: dict):
         from reid.identify.identify import identify
@@ -520,7 +523,12 @@ class BatchRun:
             header = json.loads(lines[0])
         except ValueError:
             header = None
-        if not isinstance(header, dict) or header.get("format") != PARTIAL_FORMAT:
+        written_as = header.get("format") if isinstance(header, dict) else None
+        if written_as != PARTIAL_FORMAT:
+            if isinstance(written_as, str) and written_as.startswith(PARTIAL_KIND):
+                raise ReidError(f"'{self.partial}' is the progress file of a run by another version of wildreid "
+                                f"({written_as}, not {PARTIAL_FORMAT}: its rows have other columns); pass --restart "
+                                "to start over")
             raise ReidError(f"'{self.partial}' is not the progress file of `reid identify-batch`; remove it or "
                             "pass --restart")
         if header.get("options") != json.loads(json.dumps(self.options())):
@@ -727,7 +735,8 @@ class BatchRun:
                 best = result.candidates[0]
                 item.row.update(individual_id=best.individual_id,
                                 individual_name=self.galleries.names.get(best.individual_id, ""),
-                                score=result.best_score, decision=result.decision, model=embedder.fingerprint)
+                                score=result.best_score, matched_viewpoint=best.viewpoint or "",
+                                decision=result.decision, model=embedder.fingerprint)
 
 
 def _round(value, digits: int):
@@ -887,14 +896,16 @@ def enroll_ground_truth(scenes: str | Path, store: str | Path, router, per_indiv
     as identify-batch cuts them.
 
     For demos, tests and benchmarks only; identify-batch itself never writes to the store. Each crop
-    is stored as a PNG file with the embedding of its species' route, as the service stores an
-    upload without bbox (`POST /v1/individuals`). Returns {identity: {"individual_id", "files"}}.
+    is stored as a PNG file with the embedding of its species' route and the box's ground-truth
+    viewpoint, as the service stores an upload without bbox (`POST /v1/individuals`). Returns
+    {identity: {"individual_id", "files"}}.
     """
     import io
 
     import pandas as pd
     from PIL import Image
 
+    from reid.data.classes import normalise_viewpoint
     from reid.data.dataset import read_image
     from reid.errors import ReidError
     from reid.identify.photos import PhotoLimits, decode_upload
@@ -917,7 +928,7 @@ def enroll_ground_truth(scenes: str | Path, store: str | Path, router, per_indiv
             route = router.route(species)
             if route is None or (identities is not None and identity not in identities):
                 continue
-            crops, files = [], []
+            crops, files, viewpoints = [], [], []
             for row in rows.itertuples():
                 if len(crops) == per_individual:
                     break
@@ -928,18 +939,19 @@ def enroll_ground_truth(scenes: str | Path, store: str | Path, router, per_indiv
                 if found:
                     crops.append(found[0].image)
                     files.append(row.file)
+                    viewpoints.append(normalise_viewpoint(row.viewpoint))
             if not crops:
                 raise ReidError(f"no box of {identity} is large enough to enroll")
             vectors = route.embedder.embed_images(crops)
             new_images = []
-            for crop, file, vector in zip(crops, files, vectors):
+            for crop, file, viewpoint, vector in zip(crops, files, viewpoints, vectors):
                 buffer = io.BytesIO()
                 Image.fromarray(crop).save(buffer, format="PNG")
                 upload = decode_upload(buffer.getvalue(), 0, Path(file).name, limits.max_pixels,
                                        limits.allowed_formats)
                 path = store_file(store_dir, upload.relpath, upload.data, upload.sha256)
                 new_images.append(NewImage(upload.sha256, path, upload.media_type, upload.width, upload.height,
-                                           len(upload.data), vector, upload.filename))
+                                           len(upload.data), vector, upload.filename, viewpoint=viewpoint))
             result = db.enroll(identity, species, new_images, embedding_model(route.fingerprint, crop_settings),
                                key_name)
             enrolled[identity] = {"individual_id": result["individual_id"], "files": files}

@@ -10,11 +10,16 @@ to N brings itself up to date by reading the image rows stamped above N (see rei
 Each image row holds its embedding (float32 bytes) and the fingerprint of the model that made
 it, so the gallery is rebuilt from the database alone; the image files are content-addressed and
 written before the commit that references them.
+
+The schema's version is kept in `meta.schema_version`. Opening a store of an older version brings it
+up to this one (`MIGRATIONS`, one step per version, in the transaction that holds the `meta` row);
+a store of a newer version is refused.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import time
 from contextlib import contextmanager
@@ -25,14 +30,16 @@ from typing import Iterator
 
 import numpy as np
 from sqlalchemy import (BigInteger, Column, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Table,
-                        Text, and_, create_engine, event, func, insert, literal, or_, select, update)
+                        Text, and_, create_engine, event, func, insert, inspect, literal, or_, select, update)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from reid.errors import Conflict, InvalidInput, NotFound, ReidError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: images.viewpoint
 KEY_PREFIX = "wr_"
+
+log = logging.getLogger("wildreid.store")
 
 metadata = MetaData()
 
@@ -94,6 +101,7 @@ images = Table(
     Column("height", Integer, nullable=False),
     Column("size_bytes", BigInteger, nullable=False),
     Column("bbox", String(100)),
+    Column("viewpoint", String(50)),  # the flank the photo shows (reid.data.classes.normalise_viewpoint); None: unknown
     Column("embedding", LargeBinary, nullable=False),
     Column("embedding_model", String(64), nullable=False),
     Column("created_at", String(32), nullable=False),
@@ -124,6 +132,16 @@ audit_log = Table(
 )
 
 
+def _add_image_viewpoint(conn: Connection) -> None:
+    """Schema 1 -> 2: images record the flank they show. The column is looked for first, so the step
+    also completes a store whose column is there already."""
+    if "viewpoint" not in {column["name"] for column in inspect(conn).get_columns("images")}:
+        conn.exec_driver_sql("ALTER TABLE images ADD COLUMN viewpoint VARCHAR(50)")
+
+
+MIGRATIONS = {1: _add_image_viewpoint}  # schema version -> the step that brings a store to the next one
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -152,6 +170,7 @@ class NewImage:
     embedding: np.ndarray
     filename: str | None = None
     bbox: str | None = None
+    viewpoint: str | None = None
 
 
 @dataclass
@@ -159,6 +178,7 @@ class GalleryRow:
     image_id: int
     species: str
     individual_id: int
+    viewpoint: str | None
     embedding: bytes
     embedding_model: str
     visible: bool
@@ -241,13 +261,21 @@ class Store:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write") else "BEGIN")
 
     def create(self) -> None:
-        """Create missing tables and the change-sequence row (safe when several processes start at once)."""
+        """Create missing tables and the change-sequence row, and bring an older schema up to this one
+        (safe when several processes start at once)."""
         for attempt in range(5):
             try:
                 metadata.create_all(self.engine)
                 with self.engine.connect().execution_options(write=True) as conn, conn.begin():
-                    if conn.execute(select(meta.c.id).where(meta.c.id == 1)).first() is None:
+                    # updating the meta row locks it (on SQLite, BEGIN IMMEDIATE has locked the database): a
+                    # second process opening the store waits here, then reads the version the first one left
+                    version = conn.execute(update(meta).where(meta.c.id == 1)
+                                           .values(schema_version=meta.c.schema_version)
+                                           .returning(meta.c.schema_version)).scalar()
+                    if version is None:
                         conn.execute(insert(meta).values(id=1, change_seq=0, schema_version=SCHEMA_VERSION))
+                    else:
+                        self._upgrade(conn, version)
                 return
             except (IntegrityError, OperationalError) as exc:
                 if attempt == 4:
@@ -255,6 +283,32 @@ class Store:
                 time.sleep(0.2 * (attempt + 1))
             except DBAPIError as exc:
                 raise ReidError(f"cannot open the database '{_redact(self.url)}': {exc.orig}") from None
+
+    def _upgrade(self, conn: Connection, version: int) -> None:
+        """Bring a store of schema `version` up to SCHEMA_VERSION, in the transaction holding the meta row."""
+        self._refuse_newer(version)
+        if version == SCHEMA_VERSION:
+            return
+        for step in range(version, SCHEMA_VERSION):
+            MIGRATIONS[step](conn)
+        conn.execute(update(meta).where(meta.c.id == 1).values(schema_version=SCHEMA_VERSION))
+        log.info("store '%s' upgraded from schema version %d to %d", _redact(self.url), version, SCHEMA_VERSION)
+
+    def _refuse_newer(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise ReidError(f"the database '{_redact(self.url)}' holds a store of schema version {version}, newer "
+                            f"than this wildreid knows (up to {SCHEMA_VERSION}): upgrade wildreid to open it")
+
+    def check_schema(self) -> None:
+        """For a store opened without `create` (read as it is, never upgraded): a ReidError unless its
+        schema is this code's."""
+        with self.read() as conn:
+            version = conn.execute(select(meta.c.schema_version).where(meta.c.id == 1)).scalar_one()
+        self._refuse_newer(version)
+        if version < SCHEMA_VERSION:
+            raise ReidError(f"the database '{_redact(self.url)}' holds a store of schema version {version}, older "
+                            f"than this wildreid's ({SCHEMA_VERSION}): start `reid serve` on it once (or run `reid "
+                            "keys list --store STORE`), which upgrades it")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -307,7 +361,7 @@ class Store:
         exactly those of sequences up to the one returned.
         """
         visible = and_(individuals.c.deleted_at.is_(None), individuals.c.merged_into.is_(None))
-        query = (select(images.c.id, images.c.species, images.c.individual_id, images.c.embedding,
+        query = (select(images.c.id, images.c.species, images.c.individual_id, images.c.viewpoint, images.c.embedding,
                         images.c.embedding_model, visible.label("visible"))
                  .select_from(images.join(individuals, images.c.individual_id == individuals.c.id)))
         query = query.where(visible) if since is None else query.where(images.c.seq > since)
@@ -318,8 +372,9 @@ class Store:
                 seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
                 # ordered here, not by SQL: ORDER BY images.id makes SQLite walk the whole table in id order
                 # instead of the few rows the seq index finds (170 ms instead of 1 at 100,000 images)
-                rows = sorted((GalleryRow(r.id, r.species, r.individual_id, r.embedding, r.embedding_model,
-                                          bool(r.visible)) for r in conn.execute(query)), key=lambda row: row.image_id)
+                rows = sorted((GalleryRow(r.id, r.species, r.individual_id, r.viewpoint, r.embedding,
+                                          r.embedding_model, bool(r.visible)) for r in conn.execute(query)),
+                              key=lambda row: row.image_id)
         return seq, rows
 
     # ------------------------------------------------------------------ API keys
@@ -398,7 +453,7 @@ class Store:
                 individual_id=individual_id, enrolled_as=individual_id, sighting_id=sighting_id, species=species,
                 sha256=image.sha256, path=image.path, media_type=image.media_type, filename=image.filename,
                 width=image.width, height=image.height, size_bytes=image.size_bytes, bbox=image.bbox,
-                embedding=vector_to_blob(image.embedding), embedding_model=model,
+                viewpoint=image.viewpoint, embedding=vector_to_blob(image.embedding), embedding_model=model,
                 created_at=tx.now, seq=tx.seq).returning(images.c.id)).scalar_one())
         return sighting_id, image_ids
 
@@ -508,7 +563,7 @@ class Store:
             row["images"] = [dict(r._mapping) for r in conn.execute(
                 select(images.c.id, images.c.sighting_id, images.c.sha256, images.c.width, images.c.height,
                        images.c.media_type, images.c.size_bytes, images.c.filename, images.c.bbox,
-                       images.c.created_at, images.c.enrolled_as)
+                       images.c.viewpoint, images.c.created_at, images.c.enrolled_as)
                 .where(images.c.individual_id == individual_id).order_by(images.c.id))]
             row["sightings"] = [dict(r._mapping) for r in conn.execute(
                 select(sightings).where(sightings.c.individual_id == individual_id).order_by(sightings.c.id))]
@@ -551,7 +606,8 @@ class Store:
             row = conn.execute(select(images.c.id, images.c.individual_id, images.c.enrolled_as, images.c.sighting_id,
                                       images.c.species, images.c.sha256, images.c.path, images.c.media_type,
                                       images.c.filename, images.c.width, images.c.height, images.c.size_bytes,
-                                      images.c.bbox, images.c.created_at, images.c.embedding_model)
+                                      images.c.bbox, images.c.viewpoint, images.c.created_at,
+                                      images.c.embedding_model)
                                .where(images.c.id == image_id)).first()
         if row is None:
             raise NotFound(f"image {image_id} does not exist", code="image_not_found")

@@ -8,6 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.deps import LeaseDep, ReaderDep, ServiceDep, WriterDep
 from reid.errors import InvalidInput
+from reid.identify.animals import plan_viewpoints
 from service.forms import StrictRoute
 from service.routers.common import IndividualId, errors, individual, summary
 from service.schemas import (LINE, MAX_ID, OPTIONAL_SPECIES_INPUT, EnrollForm, IndividualOut, IndividualPage,
@@ -23,10 +24,11 @@ WRITE_ERRORS = errors(400, 401, 403, 404, 409, 413, 415, 422, 503, 507)
              summary="Enroll a new individual with its first photos")
 async def create_individual(service: ServiceDep, caller: WriterDep, lease: LeaseDep,
                             form: Annotated[EnrollForm, Form(media_type="multipart/form-data")]) -> IndividualOut:
+    viewpoints = plan_viewpoints(form.viewpoint, len(form.images))
     found, views, vectors, model = await service.embed_individual(form.species, form.images, form.bbox,
                                                                   form.detections, lease)
-    result = await run_in_threadpool(service.enroll, form.name, form.species, found, views, vectors, model,
-                                     caller.key_name, form.notes, form.observed_at, form.location)
+    result = await run_in_threadpool(service.enroll, form.name, form.species, found, views, vectors, viewpoints,
+                                     model, caller.key_name, form.notes, form.observed_at, form.location)
     return individual(await run_in_threadpool(service.store.get_individual, result["individual_id"]))
 
 
@@ -96,9 +98,10 @@ async def _set_deleted(service, individual_id: int, deleted: bool, caller) -> In
 async def add_sighting(individual_id: IndividualId, service: ServiceDep, caller: WriterDep, lease: LeaseDep,
                        form: Annotated[SightingForm, Form(media_type="multipart/form-data")]) -> SightingCreated:
     row = await run_in_threadpool(service.store.require_live, individual_id, "add images to")  # 404 / 409 first
+    viewpoints = plan_viewpoints(form.viewpoint, len(form.images))
     found, views, vectors, model = await service.embed_individual(row["species"], form.images, form.bbox,
                                                                   form.detections, lease)
-    result = await run_in_threadpool(service.add_sighting, individual_id, found, views, vectors, model,
+    result = await run_in_threadpool(service.add_sighting, individual_id, found, views, vectors, viewpoints, model,
                                      caller.key_name, form.notes, form.observed_at, form.location)
     return SightingCreated(sighting_id=result["sighting_id"], image_ids=result["image_ids"],
                            individual=individual(await run_in_threadpool(service.store.get_individual, individual_id)))
