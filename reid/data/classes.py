@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from reid.errors import ConfigError
+from reid.text import normalise_label
 
 MODES = ("auto", "identity", "identity_viewpoint")
 SEPARATOR = "|"
@@ -25,17 +26,9 @@ VIEWPOINT_RULE = ("a viewpoint must be 1-50 characters: letters, digits, space, 
 
 
 def normalise_viewpoint(value: str | None) -> str | None:
-    """The stored form of a photo's viewpoint: lower case, inner runs of spaces made one, outer spaces
-    removed; None (unknown) for None or blank. ValueError for one outside VIEWPOINT_PATTERN once
-    normalised."""
-    if value is None:
-        return None
-    value = " ".join(value.strip().lower().split())
-    if not value:
-        return None
-    if not VIEWPOINT_PATTERN.match(value):
-        raise ValueError(VIEWPOINT_RULE)
-    return value
+    """The stored form of a photo's viewpoint (reid.text.normalise_label); None (unknown) for None or
+    blank; ValueError for one outside VIEWPOINT_PATTERN once normalised."""
+    return normalise_label(value, VIEWPOINT_PATTERN, VIEWPOINT_RULE)
 
 
 def named_viewpoints(table: pd.DataFrame) -> pd.Series | None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+from reid.text import normalise_label
+
 SPECIES_PATTERN = re.compile(r"^[a-z0-9][a-z0-9 _.\-]{0,99}$")
 SPECIES_RULE = "species must be 1-100 characters: letters, digits, space, '_', '.', '-'"
 
@@ -14,11 +16,4 @@ SPECIES_RULE = "species must be 1-100 characters: letters, digits, space, '_', '
 def normalise_species(value: str | None) -> str | None:
     """The compared form of a species name (None for None or blank); ValueError for a name outside
     SPECIES_PATTERN once normalised."""
-    if value is None:
-        return None
-    value = " ".join(value.strip().lower().split())
-    if not value:
-        return None
-    if not SPECIES_PATTERN.match(value):
-        raise ValueError(SPECIES_RULE)
-    return value
+    return normalise_label(value, SPECIES_PATTERN, SPECIES_RULE)
