@@ -8,6 +8,8 @@ import hashlib
 import json
 import queue
 import threading
+import time
+from pathlib import Path
 
 import httpx
 import pandas as pd
@@ -192,6 +194,13 @@ def identify_all(url: str, photos: list[bytes]) -> list:
         return out
 
 
+def wait_for_file(folder: Path, pattern: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not list(folder.glob(pattern)):
+        assert time.monotonic() < deadline, f"no {pattern} in {folder} after {timeout_s} s"
+        time.sleep(0.05)
+
+
 def test_sigkill_during_a_burst_leaves_a_reranking_state_equal_to_one_built_from_the_store(tmp_path, tiny_checkpoint,
                                                                                              photos, capsys):
     """Re-ranking on: enrollments and merges, snapshots every half second, a SIGKILL mid-burst. The restart
@@ -217,6 +226,8 @@ def test_sigkill_during_a_burst_leaves_a_reranking_state_equal_to_one_built_from
                 if n % 7 == 6:  # merges in the burst: images change owner, the state keeps them
                     client.post(f"/v1/individuals/{answered[-1]}/merge", json={"source_id": answered[-2]},
                                 headers=headers)
+                if n == 8:  # a fast machine can run the whole burst inside one snapshot interval
+                    wait_for_file(store / "cache" / "rerank", "rerank-*.npz")
                 if n == 15:
                     server.kill()  # SIGKILL: the last snapshot is older than the store
                     break
