@@ -81,6 +81,7 @@ DEFAULTS: dict[str, Any] = {
     "cv": {
         "folds": 5,
         "split": "disjoint",      # closed | disjoint
+        "workers": 1,             # folds trained at once, each in its own process (CPU threads shared out)
     },
     "eval": {
         "batch_size": 64,

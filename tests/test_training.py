@@ -151,6 +151,22 @@ def test_cv_writes_summary_and_out_of_fold_embeddings(tmp_path, synth_csv):
     assert best["class_mode"] == "identity_viewpoint" and any("|" in name for name in best["identities"])
 
 
+def test_folds_trained_side_by_side_match_folds_trained_in_turn(tmp_path, synth_csv):
+    """cv.workers: each fold in its own process, with the same thread count (one here) as in turn."""
+    runs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"workers{workers}"
+        proc = _reid("cv", "--config", _config_file(tmp_path, "train.epochs=1", f"cv.workers={workers}"),
+                     "--data", str(synth_csv), "--out", str(out), "--folds", "3", "--no-progress")
+        runs[workers] = json.loads((out / "cv_summary.json").read_text()), np.load(out / "oof_embeddings.npz")
+    assert "[fold 2] epoch 1:" in proc.stdout and "2 at a time, 1 CPU thread each" in proc.stdout
+    (serial, serial_oof), (parallel, parallel_oof) = runs[1], runs[2]
+    assert [f["fold"] for f in parallel["folds"]] == [0, 1, 2]
+    assert [f["mAP"] for f in parallel["folds"]] == [f["mAP"] for f in serial["folds"]]
+    assert np.array_equal(parallel_oof["embeddings"], serial_oof["embeddings"])
+    assert np.array_equal(parallel_oof["path"], serial_oof["path"])
+
+
 def test_ddp_two_processes_gloo(tmp_path, synth_csv):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",

@@ -66,8 +66,9 @@ def refuse_existing_run(out: Path, resume: bool) -> None:
 
 class FoldTrainer:
     def __init__(self, cfg: dict, table: pd.DataFrame, train_idx: np.ndarray, val_idx: np.ndarray,
-                 out_dir: str | Path, progress: bool = True):
+                 out_dir: str | Path, progress: bool = True, log_prefix: str = ""):
         self.cfg, self.table, self.out = cfg, table, Path(out_dir)
+        self.log_prefix = log_prefix  # folds trained side by side interleave their lines
         self.train_idx, self.val_idx = np.asarray(train_idx), np.asarray(val_idx)
         self.ctx = distributed.init()
         self.progress = progress and self.ctx.is_main
@@ -141,7 +142,7 @@ class FoldTrainer:
     # ------------------------------------------------------------------ state
     def log(self, message: str) -> None:
         if self.ctx.is_main:
-            tqdm.write(message)
+            tqdm.write(self.log_prefix + message)
 
     @property
     def last_path(self) -> Path:
