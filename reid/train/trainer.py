@@ -12,13 +12,14 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from reid.data import classes
@@ -96,7 +97,10 @@ class FoldTrainer:
                                      build_transforms(size, self.mean, self.std, train=True, hflip=self.hflip,
                                                       augmentation=Augmentation.from_config(dcfg)),
                                      cache_images=dcfg["cache_images"], cache_size=int(size * 1.15))
-        self.eval_transform = build_transforms(size, self.mean, self.std, train=False, hflip=False)
+        # every row of the table, as validation and embedding see it (decoded once when images are cached)
+        self.eval_set = ReIDDataset(table["path"].tolist(), np.zeros(len(table), dtype=np.int64),
+                                    build_transforms(size, self.mean, self.std, train=False, hflip=False),
+                                    cache_images=dcfg["cache_images"], cache_size=int(size * 1.15))
         self.swap_p, self.swap_keep = float(dcfg["context_swap_p"]), float(dcfg["context_swap_keep"])
         if not (0 <= self.swap_p <= 1 and 0.05 <= self.swap_keep <= 1):
             raise ConfigError(f"data.context_swap_p is {self.swap_p} and data.context_swap_keep {self.swap_keep}; "
@@ -347,43 +351,49 @@ class FoldTrainer:
     def embed(self, rows: np.ndarray, desc: str, model: torch.nn.Module | None = None,
               normalize: bool = True) -> np.ndarray:
         """Embeddings of the table's `rows` with the eval transform, by `model` (default: the evaluated weights)."""
-        dataset = ReIDDataset(self.table["path"].iloc[rows].tolist(), np.zeros(len(rows), dtype=np.int64),
-                              self.eval_transform)
-        return compute_embeddings(model or self.eval_model, dataset, self.cfg["eval"]["batch_size"], self.ctx.device,
-                                  self.cfg["data"]["num_workers"], progress=self.progress, desc=desc,
-                                  normalize=normalize)
+        return compute_embeddings(model or self.eval_model, Subset(self.eval_set, rows.tolist()),
+                                  self.cfg["eval"]["batch_size"], self.ctx.device, self.cfg["data"]["num_workers"],
+                                  progress=self.progress, desc=desc, normalize=normalize)
 
-    def validate(self) -> dict:
-        """Retrieval metrics of the held-out images; a query never scores its own encounter.
-
-        In a `closed` split the held-out individuals are known, so the gallery is the training
-        images plus the other held-out ones; in a `disjoint` split it is the held-out images only.
-        With named flanks, `same_flank` and `cross_flank` split the scores by viewpoint.
-        """
+    @property
+    def gallery_idx(self) -> np.ndarray:
+        """In a `closed` split the held-out individuals are known, so the gallery is the training
+        images plus the other held-out ones; in a `disjoint` split it is the held-out images only."""
         closed = self.cfg["cv"]["split"] == "closed"
-        gallery_idx = np.concatenate([self.train_idx, self.val_idx]) if closed else self.val_idx
-        rows = np.unique(np.concatenate([self.val_idx, gallery_idx]))
+        return np.concatenate([self.train_idx, self.val_idx]) if closed else self.val_idx
+
+    def embed_rows(self, *row_sets: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        """Embed the union of `row_sets` once (a closed split's gallery holds the training probe);
+        returns the lookup from rows to their embeddings."""
+        rows = np.unique(np.concatenate(row_sets))
         emb = self.embed(rows, desc="validating")
+        return lambda wanted: emb[np.searchsorted(rows, wanted)]
+
+    def validate(self, embedded: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+        """Retrieval metrics of the held-out images against `gallery_idx`; a query never scores its own
+        encounter. With named flanks, `same_flank` and `cross_flank` split the scores by viewpoint."""
+        gallery_idx = self.gallery_idx
+        embedded = embedded or self.embed_rows(self.val_idx, gallery_idx)
         ids, groups = self.table["identity"].to_numpy(), encounter_ids(self.table)
-        q, g = np.searchsorted(rows, self.val_idx), np.searchsorted(rows, gallery_idx)
         views = self.views
-        return retrieval_metrics(emb[q], ids[self.val_idx], emb[g], ids[gallery_idx],
+        return retrieval_metrics(embedded(self.val_idx), ids[self.val_idx], embedded(gallery_idx), ids[gallery_idx],
                                  query_groups=groups[self.val_idx], gallery_groups=groups[gallery_idx],
                                  query_views=None if views is None else views[self.val_idx],
                                  gallery_views=None if views is None else views[gallery_idx])
 
-    def probe(self) -> dict:
+    def probe(self, embedded: Callable[[np.ndarray], np.ndarray]) -> dict:
         """The same retrieval metrics on the fixed sample of training images, among themselves."""
         if not len(self.probe_idx):
             return {}
-        emb = self.embed(self.probe_idx, desc="training probe")
+        emb = embedded(self.probe_idx)
         ids, groups = self.table["identity"].to_numpy()[self.probe_idx], encounter_ids(self.table)[self.probe_idx]
         metrics = retrieval_metrics(emb, ids, emb, ids, groups, groups, same_set=True)
         return {key: metrics[key] for key in ("mAP", "top1", "queries")}
 
     def evaluate(self) -> dict:
         self.eval_model.eval()
-        return {"val": self.validate(), "train_probe": self.probe()}
+        embedded = self.embed_rows(self.val_idx, self.gallery_idx, self.probe_idx)
+        return {"val": self.validate(embedded), "train_probe": self.probe(embedded)}
 
     def _record_epoch(self, train_stats: dict, scores: dict) -> None:
         """Log the epoch, update early stopping, keep best.pt when it is the best so far."""
