@@ -45,6 +45,20 @@ def load_inference(path: str | Path) -> dict:
     return state
 
 
+def inference_model(state: dict) -> nn.Module:
+    """The model of an inference record, built offline from its config and loaded with its weights."""
+    import copy
+
+    from reid.model.build import build_model
+
+    cfg = copy.deepcopy(state["config"])
+    # the checkpoint holds every weight: nothing to download or read besides it
+    cfg["model"].update(pretrained=False, weights=None)
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
 def inference_record(model: dict, cfg: dict, mean, std, identities=(), class_mode: str | None = None,
                      **extra) -> dict:
     """What best.pt holds: `model` (a state dict), the config it was built from, its preprocessing and

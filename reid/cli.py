@@ -141,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--run", required=True, help="folder of a `reid cv` run")
     calibrate.add_argument("--precision", type=_fraction(open_interval=True), default=0.95, help="target precision of both decisions")
 
+    export = sub.add_parser("export", help="export a checkpoint's model for ONNX Runtime: embed, evaluate, serve and "
+                                           "identify-batch take the .onnx wherever they take the checkpoint")
+    export.add_argument("--checkpoint", required=True, help="best.pt of a `reid train` / `reid cv` run")
+    export.add_argument("--format", choices=["onnx"], default="onnx", help="onnx (the only one so far)")
+    export.add_argument("--out", required=True, help="model file to write (atomically), e.g. model.onnx")
+    export.add_argument("--opset", type=_at_least(13), default=17, help="ONNX opset (default 17)")
+
     pairs = sub.add_parser("submit-pairs", help="Kaggle pair file -> submission with one similarity per pair")
     _add_embed_args(pairs)
     pairs.add_argument("--images", required=True, help="folder holding the competition's test images")
@@ -161,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_embed_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="best.pt of a `reid train` / `reid cv` run")
+    parser.add_argument("--checkpoint", required=True, help="best.pt of a `reid train` / `reid cv` run, or its .onnx "
+                                                            "(`reid export`)")
     parser.add_argument("--tta", choices=list(TTA_CHOICES),
                         help="test-time augmentation: none, hflip, or flip4 (all four flips), averaged "
                              "(default: what `reid calibrate` chose for the checkpoint, else none)")
@@ -422,6 +430,19 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         print(f"stored in {path}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from reid.embedding.onnx_runtime import ONNX_SUFFIX
+    from reid.export.onnx import export_onnx
+
+    if Path(args.out).suffix.lower() != ONNX_SUFFIX:  # the suffix is how every command tells an export
+        raise ReidError(f"--out '{args.out}': name the ONNX model with the {ONNX_SUFFIX} suffix, e.g. model.onnx")
+    done = export_onnx(args.checkpoint, args.out, args.opset)
+    print(f"{done.path}: ONNX model of {args.checkpoint} ({done.image_size} px in, {done.embedding_dim}-d embeddings "
+          f"out); ONNX Runtime matches PyTorch to cosine {done.parity_min_cosine:.6f}")
+    print(f"model {done.fingerprint}, as the checkpoint's: stores and embedding caches made with it go on with "
+          "the .onnx")
+
+
 def cmd_submit_pairs(args: argparse.Namespace) -> None:
     import pandas as pd
 
@@ -448,7 +469,7 @@ def cmd_submit_pairs(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"synth": cmd_synth, "train-species": cmd_train_species, "train": cmd_train, "cv": cmd_cv, "sweep": cmd_sweep, "demo": cmd_demo, "embed": cmd_embed,
-            "index": cmd_index, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate,
+            "index": cmd_index, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "export": cmd_export,
             "submit-pairs": cmd_submit_pairs}
 
 

@@ -1,10 +1,14 @@
-"""Embedding throughput through the cache against a bare model forward on the same batches and TTA.
+"""Embedding throughput through the cache against a bare model forward on the same batches and TTA,
+for the PyTorch model and for its ONNX export run by ONNX Runtime, in the same run.
 
 `reid embed` adds file hashing, decoding, letterboxing and normalisation (in DataLoader workers),
 chunked compressed writes and the manifest; the bare loop runs the model on ready tensors of the
 same batch size with the same flip views. Their ratio is the share of the hardware the real
 embedding path gets (target >= 0.9). Both run in this one process, so the ratio holds on a noisy
 machine. The model is the config's architecture with random weights (speed does not depend on them).
+`onnx_vs_pytorch` is ONNX Runtime's bare forward throughput over PyTorch's (> 1: ONNX Runtime is
+faster; PyTorch may be on a GPU, ONNX Runtime is always on the CPU), with torch's thread setting
+for both; the measurements alternate between the two, so drift falls on both alike.
 
     python scripts/bench_embed.py                                      # nyala-mobilenet on synthetic images
     python scripts/bench_embed.py --data ../shared/data/nyala-dev/metadata.csv --tta flip4
@@ -24,11 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from reid.checkpoint import save_untrained  # noqa: E402
 from reid.config import load_config  # noqa: E402
 from reid.data.synth import make_synthetic_dataset  # noqa: E402
 from reid.data.table import load_table  # noqa: E402
 from reid.embedding import EmbeddingCache, Embedder, embed_batch  # noqa: E402
-from reid.model.build import build_model, preprocessing  # noqa: E402
+from reid.export.onnx import export_onnx  # noqa: E402
 
 
 def bare_images_per_s(embedder: Embedder, n: int) -> float:
@@ -57,19 +62,30 @@ def main() -> None:
         data = args.data or make_synthetic_dataset(Path(tmp) / "data", identities=50, images_per_identity=8,
                                                    seed=0, image_size=256, progress=False)
         table = load_table(data)
-        model = build_model(cfg)
-        mean, std = preprocessing(model)
-        embedder = Embedder(model, cfg["data"]["image_size"], mean, std, args.tta, cfg["eval"]["batch_size"],
-                            args.workers)
-        forward = bare_images_per_s(embedder, len(table))
-        started = time.perf_counter()
-        EmbeddingCache(Path(tmp) / "cache").update(embedder, table, args.chunk, progress=False, log=lambda m: None)
-        embed = len(table) / (time.perf_counter() - started)
-        forward = (forward + bare_images_per_s(embedder, len(table))) / 2  # before and after: drift cancels
+        checkpoint = save_untrained(Path(tmp) / "best.pt", cfg)
+        exported = export_onnx(checkpoint, Path(tmp) / "best.onnx")
+        embedders = {name: Embedder.from_checkpoint(path, tta=args.tta, num_workers=args.workers)
+                     for name, path in (("pytorch", checkpoint), ("onnx", exported.path))}
+        forward = {name: bare_images_per_s(e, len(table)) for name, e in embedders.items()}
+        embed = {}
+        for name, embedder in embedders.items():
+            started = time.perf_counter()
+            EmbeddingCache(Path(tmp) / f"cache-{name}").update(embedder, table, args.chunk, progress=False,
+                                                               log=lambda m: None)
+            embed[name] = len(table) / (time.perf_counter() - started)
+        for name, embedder in embedders.items():  # before and after: drift cancels
+            forward[name] = (forward[name] + bare_images_per_s(embedder, len(table))) / 2
+    embedder = embedders["pytorch"]
     result = {"images": len(table), "model": cfg["model"]["backbone"], "image_size": cfg["data"]["image_size"],
               "tta": args.tta, "batch_size": embedder.batch_size, "workers": args.workers,
-              "embed_img_per_s": round(embed, 1), "forward_img_per_s": round(forward, 1),
-              "ratio": round(embed / forward, 3), "cpu_threads": torch.get_num_threads()}
+              "device": embedder.device.type,
+              "embed_img_per_s": round(embed["pytorch"], 1), "forward_img_per_s": round(forward["pytorch"], 1),
+              "ratio": round(embed["pytorch"] / forward["pytorch"], 3),
+              "onnx_embed_img_per_s": round(embed["onnx"], 1), "onnx_forward_img_per_s": round(forward["onnx"], 1),
+              "onnx_ratio": round(embed["onnx"] / forward["onnx"], 3),
+              "onnx_vs_pytorch": round(forward["onnx"] / forward["pytorch"], 3),
+              "onnx_vs_pytorch_embed": round(embed["onnx"] / embed["pytorch"], 3),
+              "onnx_parity_min_cosine": round(exported.parity_min_cosine, 7), "cpu_threads": torch.get_num_threads()}
     print(json.dumps(result))
 
 

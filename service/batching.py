@@ -8,7 +8,8 @@ them; a lone request is never delayed.
 
 `ModelRunner` splits `Embedder.embed_images` in these two halves: `forward(preprocess(x))` is
 exactly `embed_images(x)` (the same transform, `embed_batch` and TTA). On CPU it runs a TorchScript
-trace of the model, which computes the same numbers without holding the GIL between layers.
+trace of the model, which computes the same numbers without holding the GIL between layers (an ONNX
+model runs as it is: ONNX Runtime releases the GIL itself).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def gil_free(model: torch.nn.Module, device: torch.device, image_size: int) -> t
     trace runs the whole forward in C++ with the GIL released. It is checked at another batch size
     than the one traced, since a trace silently freezes any shape-dependent Python code.
     """
-    if device.type != "cpu":
+    if device.type != "cpu" or getattr(model, "releases_gil", False):  # ONNX Runtime runs without the GIL
         return model
 
     def batch(size: int, seed: int) -> torch.Tensor:

@@ -27,8 +27,8 @@ def register(subparsers) -> dict:
     """Add `serve` and `keys` to an argparse sub-parsers object; return {command name: function}."""
     serve = subparsers.add_parser("serve", help="run the identification web service (FastAPI + uvicorn)")
     _add_store_args(serve)
-    serve.add_argument("--checkpoint", help="training checkpoint (best.pt) that embeds the photos of every species "
-                                            "(of those --routes does not name)")
+    serve.add_argument("--checkpoint", help="training checkpoint (best.pt, or its .onnx from `reid export`) that "
+                                            "embeds the photos of every species (of those --routes does not name)")
     serve.add_argument("--routes", help="routes file: a re-ID checkpoint per species (see reid/species/routing.py)")
     serve.add_argument("--detector", help="MegaDetector v6 weights (.pt): find the animals of full camera-trap "
                                           "frames (needs wildreid[detector])")
@@ -117,8 +117,8 @@ def cmd_keys(args: argparse.Namespace) -> None:
 def check_models(settings) -> None:
     """Clear errors now, rather than a traceback in each worker: every file the models need is there and is
     what it should be (the networks themselves load in the workers)."""
+    from reid.embedding.embedder import check_model
     from reid.species.routing import Router
-    from reid.checkpoint import load_checkpoint
 
     if settings.checkpoint is None and settings.routes is None:
         raise ReidError("serve needs a re-ID model: --checkpoint CKPT (every species), --routes FILE (a checkpoint "
@@ -127,9 +127,7 @@ def check_models(settings) -> None:
     if settings.routes:
         checkpoints += [route.checkpoint for route in Router.from_file(settings.routes).routes.values()]
     for checkpoint in dict.fromkeys(checkpoints):
-        state = load_checkpoint(checkpoint)
-        if not isinstance(state, dict) or not {"model", "config", "preprocessing"} <= state.keys():
-            raise ReidError(f"'{checkpoint}' is not a reid training checkpoint; use the best.pt of a run")
+        check_model(checkpoint)  # a checkpoint, or its ONNX export
     for name, path in (("--detector", settings.detector), ("--species-classifier", settings.species_classifier)):
         if path is not None and not path.is_file():
             raise ReidError(f"{name}: file '{path}' not found")

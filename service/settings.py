@@ -24,8 +24,9 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     store_dir: Path = Field(description="folder of the store: database (SQLite by default) and image files")
-    checkpoint: Path | None = Field(None, description="training checkpoint (best.pt) whose model embeds the photos "
-                                                     "of every species the routes file does not list")
+    checkpoint: Path | None = Field(None, description="training checkpoint (best.pt, or its .onnx from `reid "
+                                                     "export`) whose model embeds the photos of every species the "
+                                                     "routes file does not list")
     routes: Path | None = Field(None, description="routes file: species -> re-ID checkpoint, TTA, thresholds "
                                                  "(reid/species/routing.py); to serve, give it, checkpoint or both")
     database_url: str | None = Field(None, description="SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db; "

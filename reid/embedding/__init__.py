@@ -1,4 +1,4 @@
-"""Embeddings: a model from a checkpoint (`Embedder`), flip TTA, and the chunked on-disk cache."""
+"""Embeddings: a model from a checkpoint or its ONNX export (`Embedder`), flip TTA, and the chunked on-disk cache."""
 from reid.embedding.cache import EmbeddingCache, cached_embeddings, file_hash
 from reid.embedding.compute import compute_embeddings, embed_batch
 from reid.embedding.embedder import Embedder, weights_fingerprint

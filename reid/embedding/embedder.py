@@ -1,11 +1,12 @@
-"""A trained model ready to embed photos: weights, preprocessing and TTA from one checkpoint.
+"""A trained model ready to embed photos: weights, preprocessing and TTA from one checkpoint (or
+its ONNX export, run by ONNX Runtime behind the same preprocessing and TTA).
 
 Its `fingerprint` names exactly what produces the vectors (weights, preprocessing, TTA), so a
-cache never mixes vectors of two models.
+cache never mixes vectors of two models. An ONNX export has its checkpoint's fingerprint: the same
+weights give the same vectors, to float rounding (reid/export/onnx_format.py).
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from pathlib import Path
@@ -17,10 +18,11 @@ import torch
 from reid.data.dataset import ReIDDataset
 from reid.data.transforms import build_transforms
 from reid.embedding.compute import compute_embeddings, embed_batch, iter_embeddings
+from reid.embedding.onnx_runtime import OnnxModel, is_onnx, load_onnx
 from reid.embedding.tta import check_tta
 from reid.identify.decision import stored_thresholds
-from reid.model.build import ReIDModel, build_model
-from reid.checkpoint import load_inference
+from reid.model.build import ReIDModel
+from reid.checkpoint import inference_model, load_inference
 
 
 def default_device() -> torch.device:
@@ -36,8 +38,16 @@ def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def check_model(path: str | Path) -> None:
+    """ReidError unless `Embedder.from_checkpoint` can load `path`: a checkpoint, or an ONNX export."""
+    if is_onnx(path):
+        load_onnx(path, threads=1)
+    else:
+        load_inference(path)
+
+
 class Embedder:
-    def __init__(self, model: ReIDModel, image_size: int, mean: Sequence[float], std: Sequence[float],
+    def __init__(self, model: ReIDModel | OnnxModel, image_size: int, mean: Sequence[float], std: Sequence[float],
                  tta: str = "none", batch_size: int = 64, num_workers: int = 0,
                  device: torch.device | None = None, weights_hash: str | None = None,
                  thresholds: dict | None = None, postprocessing: dict | None = None):
@@ -48,30 +58,38 @@ class Embedder:
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.transform = build_transforms(self.image_size, self.mean, self.std, train=False, hflip=False)
         self.weights_hash = weights_hash or weights_fingerprint(model.state_dict())
-        self.embedding_dim = int(model.neck[1].out_features)
+        self.embedding_dim = int(model.embedding_dim)
         self.thresholds = thresholds  # calibrated by `reid calibrate`, else None
         self.postprocessing = postprocessing  # TTA and re-ranking chosen by `reid calibrate`, else None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, tta: str | None = None, batch_size: int | None = None,
                         num_workers: int | None = None, device: torch.device | None = None) -> "Embedder":
-        """The model of a training checkpoint (best.pt or last.pt), built offline from its config.
+        """The model of a training checkpoint (best.pt or last.pt), built offline from its config, or of
+        its ONNX export (`reid export`, a `.onnx` path), run by ONNX Runtime on the CPU whatever `device`.
 
         `tta` None takes the TTA `reid calibrate` chose for the checkpoint (none when uncalibrated)."""
+        if is_onnx(path):
+            # the export's metadata is the checkpoint's record without the weights, but with their hash
+            model, state = load_onnx(path)
+            return cls.from_record(model, state, state["weights_sha256"], tta, batch_size, num_workers,
+                                   torch.device("cpu"))
         state = load_inference(path)
-        cfg = copy.deepcopy(state["config"])
-        # the checkpoint holds every weight: nothing to download or read besides it
-        cfg["model"].update(pretrained=False, weights=None)
-        model = build_model(cfg)
-        model.load_state_dict(state["model"])
-        pre = state["preprocessing"]
-        post = state.get("postprocessing")
+        return cls.from_record(inference_model(state), state, weights_fingerprint(state["model"]), tta, batch_size,
+                               num_workers, device)
+
+    @classmethod
+    def from_record(cls, model: ReIDModel | OnnxModel, state: dict, weights_hash: str, tta: str | None = None,
+                    batch_size: int | None = None, num_workers: int | None = None,
+                    device: torch.device | None = None) -> "Embedder":
+        """`model` with the preprocessing, TTA, batch size and calibration of its checkpoint's record."""
+        cfg, pre, post = state["config"], state["preprocessing"], state.get("postprocessing")
         if tta is None:
             tta = post["tta"] if post else "none"
         return cls(model, pre["image_size"], pre["mean"], pre["std"], tta,
                    batch_size or cfg["eval"]["batch_size"],
                    cfg["data"]["num_workers"] if num_workers is None else num_workers,
-                   device, weights_fingerprint(state["model"]), stored_thresholds(state.get("calibration")), post)
+                   device, weights_hash, stored_thresholds(state.get("calibration")), post)
 
     @property
     def fingerprint(self) -> str:

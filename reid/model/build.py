@@ -44,6 +44,10 @@ class ReIDModel(nn.Module):
         self.neck = nn.Sequential(nn.Dropout(dropout), nn.Linear(backbone.num_features, embedding_dim, bias=False),
                                   nn.BatchNorm1d(embedding_dim))
 
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.neck[1].out_features)
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features (B, num_features), whatever layout the backbone emits."""
         x = self.backbone.forward_features(images)

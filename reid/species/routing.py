@@ -5,7 +5,8 @@
       striped-antelope: {checkpoint: runs/antelope/best.pt, tta: hflip, match_threshold: 0.8}
       zebra: runs/zebra/best.pt            # shorthand for {checkpoint: ...}
 
-Relative checkpoint paths start at the routes file's folder. Species names are compared normalised
+A checkpoint may be a best.pt or its ONNX export (`reid export`, a .onnx file); relative checkpoint
+paths start at the routes file's folder. Species names are compared normalised
 (reid/species/names.py: `Spotted-Cat` routes the store's `spotted-cat`). A species that is not
 listed has no re-ID model: its animals get a species-only answer. Each route may set `tta` (none,
 hflip, flip4; default none) and `match_threshold` / `new_threshold` (default: the checkpoint's
