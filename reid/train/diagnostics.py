@@ -29,7 +29,7 @@ def probe_rows(table: pd.DataFrame, train_idx: np.ndarray, size: int, seed: int)
     rng = np.random.default_rng([seed, 0x9b0be])
     chosen: list[np.ndarray] = []
     total = 0
-    for identity in rng.permutation(identities):
+    for identity in rng.permutation(np.array(identities)):
         rows = frame["row"].to_numpy()[frame["identity"].to_numpy() == identity]
         if total + len(rows) > size and chosen:
             continue
