@@ -428,6 +428,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
           f"encounter of their individual) and all {photos} again as new ones, their individual hidden")
     for path in checkpoints:
         print(f"stored in {path}")
+    if (Path(args.run) / "run.json").is_file():
+        from reid.modelcard import write_model_card
+
+        print(f"model card: {write_model_card(args.run)}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -441,6 +445,12 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"out); ONNX Runtime matches PyTorch to cosine {done.parity_min_cosine:.6f}")
     print(f"model {done.fingerprint}, as the checkpoint's: stores and embedding caches made with it go on with "
           "the .onnx")
+    from reid.modelcard import card_path, write_model_card
+
+    card = write_model_card(args.checkpoint, card_path(done.path), export={
+        "path": str(done.path), "format": args.format, "opset": args.opset,
+        "parity_min_cosine": done.parity_min_cosine, "fingerprint": done.fingerprint})
+    print(f"model card: {card}")
 
 
 def cmd_submit_pairs(args: argparse.Namespace) -> None:

@@ -21,6 +21,7 @@ from reid.data.splits import encounter_ids, fold_summary, make_folds
 from reid.errors import ConfigError, ReidError
 from reid.evaluation.metrics import FLANK_SPLITS, FlankViews, chance_metrics
 from reid.io import atomic_path, write_json, write_text
+from reid.modelcard import write_model_card
 from reid.reproducibility import run_record
 from reid.train import distributed
 from reid.checkpoint import load_checkpoint
@@ -62,7 +63,10 @@ def train_fold(cfg: dict, table: pd.DataFrame, data: str, out: str | Path, fold:
             raise ReidError(f"--fold {fold} is outside 0..{cfg['cv']['folds'] - 1}")
         _record_run(cfg, out, data, fold=fold)
         trainer = FoldTrainer(cfg, table, np.flatnonzero(folds != fold), np.flatnonzero(folds == fold), out, progress)
-        return trainer.fit(resume=resume)
+        summary = trainer.fit(resume=resume)
+        if trainer.ctx.is_main:
+            write_model_card(out, table=table)
+        return summary
 
 
 def cross_validate(cfg: dict, table: pd.DataFrame, data: str, out: str | Path, resume: bool = False,
@@ -108,6 +112,7 @@ def _cross_validate(cfg: dict, table: pd.DataFrame, data: str, out: Path, resume
     histories = {fold: read_history(out / f"fold_{fold}" / "metrics.jsonl") for fold in range(cfg["cv"]["folds"])}
     save_figure(cv_figure(histories, title=f"{out}: {cfg['cv']['folds']}-fold {cfg['cv']['split']}"),
                 out / "curves.png")
+    write_model_card(out, table=table)
     return summary
 
 
