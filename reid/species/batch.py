@@ -748,9 +748,17 @@ def _round(value, digits: int):
 
 
 def identify_batch(images: str | Path, out: str | Path, router, store: str | Path, export: str | None = None,
-                   export_dir: str | Path | None = None, utc_offset: str | None = None, **options) -> BatchResult:
-    """Run identify-batch (see BatchRun for the options) and write the Camtrap DP tables if asked."""
+                   export_dir: str | Path | None = None, utc_offset: str | None = None,
+                   deployments: str | Path | None = None, contributors: list[dict] | None = None,
+                   project_title: str | None = None, **options) -> BatchResult:
+    """Run identify-batch (see BatchRun for the options) and write the Camtrap DP package if asked
+    (`deployments`: the user's deployments CSV; `contributors`: camtrap.parse_contributor dicts)."""
     run = BatchRun(images, out, router, store, **options)
+    if export == "camtrap-dp" and deployments is not None:
+        from reid.species.camtrap import read_deployments, require_every_camera
+
+        # a malformed or incomplete file stops the run before hours of identification, not after
+        require_every_camera(read_deployments(deployments), {p.camera for p in run.photos}, deployments)
     result = run.run()
     if export == "camtrap-dp":
         from reid.species.camtrap import write_camtrap_dp
@@ -761,7 +769,11 @@ def identify_batch(images: str | Path, out: str | Path, router, store: str | Pat
         if offset is None:
             result.warnings.append("Camtrap DP timestamps need a UTC offset; the photos' EXIF has none (or several): "
                                    "pass --utc-offset, e.g. +02:00")
-        result.exported = write_camtrap_dp(folder, result.rows, run.images, offset)
+        package = write_camtrap_dp(folder, result.rows, run.images, offset, deployments=deployments,
+                                   contributors=contributors, project_title=project_title,
+                                   identity=f"{run.images.resolve()}|{run.out.resolve()}")
+        result.warnings.extend(package.warnings)
+        result.exported = package.paths
     return result
 
 
@@ -812,8 +824,18 @@ def add_identify_batch_parser(subparsers) -> dict:
     p.add_argument("--out", required=True, help="results CSV (progress is kept in OUT.partial until done)")
     p.add_argument("--gap-seconds", type=float, default=120.0,
                    help="photos of one camera further apart than this start a new encounter (default 120)")
-    p.add_argument("--export", choices=["camtrap-dp"], help="also write Camtrap DP observations.csv and media.csv")
+    p.add_argument("--export", choices=["camtrap-dp"],
+                   help="also write a Camtrap DP 1.0 package: deployments.csv, media.csv, observations.csv and "
+                        "datapackage.json")
     p.add_argument("--export-dir", help="folder for --export (default: OUT without .csv, plus -camtrap-dp)")
+    p.add_argument("--deployments", metavar="FILE",
+                   help="CSV of the cameras for Camtrap DP: deploymentID (or camera: the camera folder), latitude, "
+                        "longitude, optionally deploymentStart/End and other Camtrap DP deployments columns "
+                        "(without it coordinates are left empty and the package says so)")
+    p.add_argument("--contributor", action="append", metavar="NAME[:ROLE]",
+                   help="Camtrap DP contributor, repeatable; ROLE one of contact, principalInvestigator, "
+                        "rightsHolder, publisher, contributor (default: the user running it, as contributor)")
+    p.add_argument("--project-title", help="Camtrap DP project title (default: from the export folder's name)")
     p.add_argument("--utc-offset", help="UTC offset of the cameras' clocks for Camtrap DP, e.g. +02:00 "
                                         "(default: EXIF OffsetTimeOriginal)")
     p.add_argument("--batch-images", type=int, default=8, help="photos whose crops are embedded together")
@@ -840,6 +862,15 @@ def build_run_options(args: argparse.Namespace) -> dict:
         raise ReidError("give one source of species: --speciesnet, --species-model or --species")
     if args.utc_offset and not _valid_offset(args.utc_offset):
         raise ReidError(f"--utc-offset '{args.utc_offset}': write it as +HH:MM or -HH:MM, e.g. +02:00")
+    camtrap_only = [name for name, value in (("--deployments", args.deployments), ("--contributor", args.contributor),
+                                             ("--project-title", args.project_title)) if value]
+    if camtrap_only and args.export != "camtrap-dp":
+        raise ReidError(f"{', '.join(camtrap_only)} describe the Camtrap DP package: add --export camtrap-dp")
+    if args.deployments and not Path(args.deployments).is_file():
+        raise ReidError(f"--deployments '{args.deployments}': no such file")
+    from reid.species.camtrap import parse_contributor
+
+    contributors = [parse_contributor(text) for text in args.contributor or []] or None
     images = Path(args.images)
     if args.speciesnet:
         source = SpeciesNetFile(args.speciesnet, images, args.species_naming, args.species_threshold or 0.0)
@@ -861,7 +892,8 @@ def build_run_options(args: argparse.Namespace) -> dict:
                 detections=args.detections, detector=detector, crop_settings=settings, gap_seconds=args.gap_seconds,
                 database_url=args.database_url, stale=args.stale_embeddings, chunk=args.batch_images,
                 progress=not args.no_progress, restart=args.restart, export=args.export, export_dir=args.export_dir,
-                utc_offset=args.utc_offset, rerank=args.rerank)
+                utc_offset=args.utc_offset, deployments=args.deployments, contributors=contributors,
+                project_title=args.project_title, rerank=args.rerank)
 
 
 def _valid_offset(text: str) -> bool:
