@@ -83,7 +83,8 @@ class ModelRunner:
         if not tensors:
             return np.zeros((0, self.dim), dtype=np.float32)
         batch = torch.stack(list(tensors))
-        return embed_batch(self.model, batch, self.embedder.device, self.embedder.tta).numpy()
+        return embed_batch(self.model, batch, self.embedder.device, self.embedder.tta,
+                           pixels=self.embedder.pixels).numpy()
 
 
 @dataclass

@@ -46,6 +46,83 @@ def test_flip_tta_makes_embeddings_flip_invariant(tiny_checkpoint, tta, flip):
     np.testing.assert_allclose(norms, 1.0, atol=1e-5)
 
 
+def test_uint8_batches_normalised_per_batch_embed_as_the_normalising_transform_does(tiny_checkpoint):
+    from reid.data.transforms import build_transforms
+    from reid.embedding import embed_batch
+
+    embedder = Embedder.from_checkpoint(tiny_checkpoint, tta="hflip")
+    images = _square_images(4, size=50)
+    assert embedder.transform(image=images[0])["image"].dtype == torch.uint8
+    normalising = build_transforms(embedder.image_size, embedder.mean, embedder.std, train=False, hflip=False)
+    floats = torch.stack([normalising(image=image)["image"] for image in images])
+    reference = embed_batch(embedder.model, floats, embedder.device, embedder.tta).numpy()
+    np.testing.assert_allclose(embedder.embed_images(images), reference, atol=1e-5)
+    with pytest.raises(ValueError, match="mean and std"):
+        embed_batch(embedder.model, torch.zeros(1, 3, 8, 8, dtype=torch.uint8), embedder.device)
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_as_the_identification_core_decodes_them(tmp_path, tiny_checkpoint):
+    from PIL import Image
+
+    from reid.identify.photos import decode_upload
+
+    embedder = Embedder.from_checkpoint(tiny_checkpoint)
+    rng = np.random.default_rng(1)
+    photo = tmp_path / "big.jpg"
+    size = 9 * embedder.draft_size  # big enough for the 1/8 DCT scale
+    coarse = rng.integers(0, 255, (size // 40, size // 30, 3), dtype=np.uint8)
+    Image.fromarray(coarse).resize((size * 4 // 3, size), Image.Resampling.BILINEAR).save(photo, quality=90)
+    assert min(read_image(str(photo), draft_size=embedder.draft_size).shape[:2]) < size // 7
+    upload = decode_upload(photo.read_bytes(), 0, photo.name, 10**9, ("JPEG",), embedder.draft_size)
+    np.testing.assert_allclose(embedder.embed_paths([str(photo)]), embedder.embed_images([upload.array]), atol=1e-5)
+
+
+def test_decoding_ahead_keeps_order_raises_errors_in_turn_and_stops_with_its_consumer():
+    import threading
+
+    from reid.embedding.compute import decoded_ahead
+
+    assert list(decoded_ahead(iter(range(50)))) == list(range(50))
+
+    def failing():
+        yield 1
+        yield 2
+        raise OSError("broken.jpg")
+
+    seen = []
+    with pytest.raises(OSError, match="broken.jpg"):
+        for item in decoded_ahead(failing()):
+            seen.append(item)
+    assert seen == [1, 2]
+
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(len(produced))
+            yield produced[-1]
+
+    batches = decoded_ahead(endless())
+    assert [next(batches) for _ in range(3)] == [0, 1, 2]
+    batches.close()
+    assert len(produced) <= 6  # one batch ahead, not the whole source
+    assert not any(t.name == "decode-ahead" for t in threading.enumerate())
+
+
+def test_a_bad_image_met_while_decoding_ahead_names_the_file(tmp_path, tiny_checkpoint):
+    from PIL import Image
+
+    from reid.errors import DataError
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(good)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    embedder = Embedder.from_checkpoint(tiny_checkpoint, batch_size=1)
+    assert embedder.num_workers == 0
+    with pytest.raises(DataError, match="bad.jpg"):
+        embedder.embed_paths([str(good), str(tmp_path / "bad.jpg")])
+
+
 def test_fingerprint_depends_on_weights_and_tta(tmp_path, tiny_checkpoint):
     a = Embedder.from_checkpoint(tiny_checkpoint)
     assert a.fingerprint == Embedder.from_checkpoint(tiny_checkpoint).fingerprint

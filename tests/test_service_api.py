@@ -590,10 +590,11 @@ def test_the_reranking_the_calibration_chose_is_used_and_said(tmp_path, tiny_che
     assert all(c["score"] == c["cosine"] for c in plain["candidates"])
     assert any(c["score"] != c["cosine"] for c in reranked["candidates"])
     # the cosines are the same either way: re-ranking changes the order and the ranking score only
+    # (up to float32 sums in another order, each then rounded to 6 decimals: 2e-6 apart at most)
     cosines = {c["individual_id"]: c["cosine"] for c in plain["candidates"]}
     for candidate in reranked["candidates"]:
         if candidate["individual_id"] in cosines:
-            assert candidate["cosine"] == pytest.approx(cosines[candidate["individual_id"]], abs=1e-6)
+            assert candidate["cosine"] == pytest.approx(cosines[candidate["individual_id"]], abs=2e-6)
 
 
 def test_restart_rebuilds_the_gallery_from_the_database(tmp_path, tiny_checkpoint, photos):

@@ -17,13 +17,16 @@ from reid.data.table import DECODE_ERRORS
 from reid.errors import DataError
 
 
-def read_image(path: str, longest_side: int | None = None) -> np.ndarray:
-    """RGB uint8 array, EXIF orientation applied, optionally shrunk to `longest_side`."""
+def read_image(path: str, longest_side: int | None = None, draft_size: int | None = None) -> np.ndarray:
+    """RGB uint8 array, EXIF orientation applied, optionally shrunk to `longest_side`.
+
+    A JPEG is decoded at a reduced DCT scale still at least `longest_side` (or `draft_size`, which
+    shrinks nothing further) on each side: much faster than decoding it whole."""
     try:
         with Image.open(path) as image:
-            if longest_side:
-                # JPEGs then decode at a reduced scale still at least `longest_side` on each side: much faster
-                image.draft("RGB", (longest_side, longest_side))
+            if longest_side or draft_size:
+                side = longest_side or draft_size
+                image.draft("RGB", (side, side))
             image = ImageOps.exif_transpose(image).convert("RGB")
             if longest_side and max(image.size) > longest_side:
                 image.thumbnail((longest_side, longest_side), Image.Resampling.BILINEAR)
@@ -45,19 +48,20 @@ class ReIDDataset(Dataset):
     """
 
     def __init__(self, paths: Sequence[str], labels: np.ndarray, transform, cache_images: bool = False,
-                 cache_size: int | None = None):
+                 cache_size: int | None = None, draft_size: int | None = None):
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths, self.labels, self.transform = list(paths), np.asarray(labels, dtype=np.int64), transform
         self.cache: dict[int, np.ndarray] | None = {} if cache_images else None
         self.cache_size = cache_size
+        self.draft_size = draft_size  # uncached JPEGs decode at a reduced scale still this size on each side
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def _image(self, index: int) -> np.ndarray:
         if self.cache is None:
-            return read_image(self.paths[index])
+            return read_image(self.paths[index], draft_size=self.draft_size)
         if index not in self.cache:
             self.cache[index] = read_image(self.paths[index], self.cache_size)
         return self.cache[index]

@@ -53,8 +53,10 @@ class Augmentation:
 
 
 def build_transforms(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
-                     hflip: bool, augmentation: Augmentation = Augmentation()) -> A.Compose:
-    """Square `image_size` tensors, normalised; `train` adds `augmentation`, `hflip` mirror images."""
+                     hflip: bool, augmentation: Augmentation = Augmentation(), normalize: bool = True) -> A.Compose:
+    """Square `image_size` tensors, normalised; `train` adds `augmentation`, `hflip` mirror images.
+    With `normalize` off they stay uint8, for `reid.embedding.compute.model_input` to normalise a
+    whole batch at once."""
     aug = augmentation
     aug.check()
     steps = _letterbox(image_size)
@@ -74,7 +76,9 @@ def build_transforms(image_size: int, mean: Sequence[float], std: Sequence[float
         ]
         if hflip:
             steps.append(A.HorizontalFlip(p=0.5))
-    steps += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
+    if normalize:
+        steps.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
+    steps.append(ToTensorV2())
     return A.Compose(steps)
 
 

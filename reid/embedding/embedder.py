@@ -17,7 +17,7 @@ import torch
 
 from reid.data.dataset import ReIDDataset
 from reid.data.transforms import build_transforms
-from reid.embedding.compute import compute_embeddings, embed_batch, iter_embeddings
+from reid.embedding.compute import compute_embeddings, embed_batch, iter_embeddings, loader_workers
 from reid.embedding.onnx_runtime import OnnxModel, is_onnx, load_onnx
 from reid.embedding.tta import check_tta
 from reid.identify.decision import stored_thresholds
@@ -56,7 +56,9 @@ class Embedder:
         self.image_size, self.mean, self.std = int(image_size), tuple(mean), tuple(std)
         self.tta = check_tta(tta)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
-        self.transform = build_transforms(self.image_size, self.mean, self.std, train=False, hflip=False)
+        # uint8 out of the workers, normalised a batch at a time (reid.embedding.compute.model_input)
+        self.transform = build_transforms(self.image_size, self.mean, self.std, train=False, hflip=False,
+                                          normalize=False)
         self.weights_hash = weights_hash or weights_fingerprint(model.state_dict())
         self.embedding_dim = int(model.embedding_dim)
         self.thresholds = thresholds  # calibrated by `reid calibrate`, else None
@@ -86,9 +88,10 @@ class Embedder:
         cfg, pre, post = state["config"], state["preprocessing"], state.get("postprocessing")
         if tta is None:
             tta = post["tta"] if post else "none"
+        device = device or default_device()
         return cls(model, pre["image_size"], pre["mean"], pre["std"], tta,
                    batch_size or cfg["eval"]["batch_size"],
-                   cfg["data"]["num_workers"] if num_workers is None else num_workers,
+                   loader_workers(device, cfg["data"]["num_workers"]) if num_workers is None else num_workers,
                    device, weights_hash, stored_thresholds(state.get("calibration")), post)
 
     @property
@@ -96,23 +99,36 @@ class Embedder:
         """Hash of everything that determines a vector: weights, preprocessing, TTA."""
         return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()[:16]
 
+    @property
+    def draft_size(self) -> int:
+        """Whole photos decode at a reduced JPEG scale still this size on each side, then shrink
+        (area-averaged) to the input: twice the input keeps thin stripes, as the service decodes."""
+        return 2 * self.image_size
+
+    @property
+    def pixels(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The (mean, std) that normalise this model's uint8 input batches."""
+        return self.mean, self.std
+
     def describe(self) -> dict:
         return {"weights_sha256": self.weights_hash, "image_size": self.image_size, "mean": list(self.mean),
-                "std": list(self.std), "tta": self.tta, "embedding_dim": self.embedding_dim}
+                "std": list(self.std), "tta": self.tta, "embedding_dim": self.embedding_dim,
+                "jpeg_draft": self.draft_size}
 
     def _dataset(self, paths: Sequence[str]) -> ReIDDataset:
-        return ReIDDataset(list(paths), np.zeros(len(paths), dtype=np.int64), self.transform)
+        return ReIDDataset(list(paths), np.zeros(len(paths), dtype=np.int64), self.transform,
+                           draft_size=self.draft_size)
 
     def embed_paths(self, paths: Sequence[str], progress: bool = False, desc: str = "embedding") -> np.ndarray:
         """(len(paths), dim) float32, L2-normalised; workers decode while the model runs."""
         emb = compute_embeddings(self.model, self._dataset(paths), self.batch_size, self.device, self.num_workers,
-                                 progress=progress, desc=desc, tta=self.tta)
+                                 progress=progress, desc=desc, tta=self.tta, pixels=self.pixels)
         return emb.reshape(len(paths), self.embedding_dim)
 
     def iter_paths(self, paths: Sequence[str]) -> Iterator[np.ndarray]:
         """Embeddings of `paths` batch by batch, in order, from one loader (for chunked writers)."""
         for batch in iter_embeddings(self.model, self._dataset(paths), self.batch_size, self.device,
-                                     self.num_workers, self.tta):
+                                     self.num_workers, self.tta, pixels=self.pixels):
             yield batch.numpy()
 
     def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -120,4 +136,4 @@ class Embedder:
         if not images:
             return np.zeros((0, self.embedding_dim), dtype=np.float32)
         batch = torch.stack([self.transform(image=image)["image"] for image in images])
-        return embed_batch(self.model, batch, self.device, self.tta).numpy()
+        return embed_batch(self.model, batch, self.device, self.tta, pixels=self.pixels).numpy()

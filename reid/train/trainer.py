@@ -29,6 +29,7 @@ from reid.data.samplers import PKSampler
 from reid.data.splits import encounter_ids
 from reid.data.transforms import Augmentation, build_transforms, use_hflip
 from reid.embedding import compute_embeddings
+from reid.embedding.compute import loader_workers
 from reid.errors import ConfigError, ReidError
 from reid.evaluation.metrics import retrieval_metrics
 from reid.io import write_json, write_jsonl
@@ -352,7 +353,8 @@ class FoldTrainer:
               normalize: bool = True) -> np.ndarray:
         """Embeddings of the table's `rows` with the eval transform, by `model` (default: the evaluated weights)."""
         return compute_embeddings(model or self.eval_model, Subset(self.eval_set, rows.tolist()),
-                                  self.cfg["eval"]["batch_size"], self.ctx.device, self.cfg["data"]["num_workers"],
+                                  self.cfg["eval"]["batch_size"], self.ctx.device,
+                                  loader_workers(self.ctx.device, self.cfg["data"]["num_workers"]),
                                   progress=self.progress, desc=desc, normalize=normalize)
 
     @property
