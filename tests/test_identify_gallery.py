@@ -187,3 +187,48 @@ def test_reranking_settings_come_from_the_checkpoint_or_the_settings_and_can_be_
         choose_rerank("checkpoint", {"rerank": {**chosen["rerank"], "lambda_value": 1.5}}, RerankOptions())
     with pytest.raises(ReidError, match="use one of"):
         choose_rerank("sometimes", None, RerankOptions())
+
+
+@pytest.mark.parametrize("layout", [Layout("m", DIM), LAYOUT], ids=["cosine", "reranked"])
+def test_concurrent_searches_are_answered_together_as_each_would_be_alone(tmp_path, monkeypatch, layout):
+    """Queries waiting for the galleries' lock are searched in one batch per species and top_k by whoever takes
+    it; each gets the answer it would get alone, and a query that fails (a vector of the wrong size) fails
+    its own batch only."""
+    import threading
+    import time
+
+    from reid.identify.gallery import SpeciesGallery
+
+    world = World(f"sqlite:///{tmp_path / 'wildreid.db'}", seed=5)
+    for _ in range(6):
+        world.apply("enroll", 0, 3)
+    galleries = Galleries(world.store, lambda species: layout)
+    galleries.rebuild()
+    queries = [unit(world.rng, centre) for centre in world.centres.values()]
+    alone = [galleries.search("zebra", query, 3) for query in queries]
+    batches = []
+    search = SpeciesGallery.search
+    monkeypatch.setattr(SpeciesGallery, "search",
+                        lambda self, vectors, top_k: batches.append(len(vectors)) or search(self, vectors, top_k))
+    asked = [("zebra", q, 3) for q in queries] + [("zebra", queries[0], 1), ("zebra", np.ones(DIM + 1, np.float32), 2)]
+    answers: list = [None] * len(asked)
+
+    def ask(n):
+        try:
+            answers[n] = galleries.search(*asked[n])
+        except Exception as exc:  # noqa: BLE001 - the test looks at what each caller got
+            answers[n] = exc
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in range(len(asked))]
+    with galleries.lock:  # everyone queues behind a search in progress
+        for thread in threads:
+            thread.start()
+        while len(galleries._queue) < len(asked):
+            time.sleep(0.01)
+    for thread in threads:
+        thread.join()
+    assert sorted(batches) == [1, 1, len(queries)]  # one pass for the six top-3 queries
+    assert answers[:len(queries)] == alone
+    assert answers[len(queries)] == alone[0][:1]
+    assert isinstance(answers[-1], Exception) and str(DIM) in str(answers[-1])
+    world.store.close()

@@ -242,54 +242,76 @@ class SpeciesGallery:
         self.remove([r.image_id for r in rows if r.image_id not in kept])
         self.add([r for r in rows if r.image_id not in kept and r.visible and usable(r)])
 
-    def search(self, query: np.ndarray, top_k: int) -> list[Candidate]:
-        """The top_k individuals for one L2-normalised query (alpha-QE first when the layout says so)."""
+    def search(self, queries: np.ndarray, top_k: int) -> list[list[Candidate]]:
+        """The top_k individuals for each L2-normalised query, a row of `queries` (alpha-QE first when
+        the layout says so). A query's answer does not depend on the others searched with it: one
+        pass over the gallery's vectors serves them all."""
         if not self.owner:
-            return []
-        query = self._expanded(query)
+            return [[] for _ in queries]
+        queries = self._expanded(queries)
         if self.state is not None:
-            return self._reranked(query, top_k)
-        return self._by_cosine(query, top_k)
+            return self._reranked(queries, top_k)
+        return self._by_cosine(queries, top_k)
 
-    def _expanded(self, query: np.ndarray) -> np.ndarray:
+    def _expanded(self, queries: np.ndarray) -> np.ndarray:
         options = self.layout.rerank
         if not options.qe:
-            return query
-        cosines, ids = self._cosine_hits(query, min(options.qe, len(self)))
-        return expand_with_neighbours(query, self._vectors(ids), cosines, options.qe_alpha)
+            return queries
+        hits = self._cosine_hits(queries, min(options.qe, len(self)))
+        return np.stack([expand_with_neighbours(query, self._vectors(ids), cosines, options.qe_alpha)
+                         for query, (cosines, ids) in zip(queries, hits)])
 
-    def _reranked(self, query: np.ndarray, top_k: int) -> list[Candidate]:
+    def _reranked(self, queries: np.ndarray, top_k: int) -> list[list[Candidate]]:
         shown = min(len(self), max(self.layout.candidates, top_k))
-        distances, keys, cosines = self.state.rerank(query[None, :], candidates=shown)
-        hits = [(int(k), 1.0 - float(d), float(c)) for d, k, c in zip(distances[0], keys[0], cosines[0])]
-        return individuals_of(hits, self.owner, self.viewpoint_of, top_k)
+        distances, keys, cosines = self.state.rerank(queries, candidates=shown)
+        return [individuals_of([(int(k), 1.0 - float(d), float(c)) for d, k, c in zip(*row)], self.owner,
+                               self.viewpoint_of, top_k)
+                for row in zip(distances, keys, cosines)]
 
-    def _by_cosine(self, query: np.ndarray, top_k: int) -> list[Candidate]:
+    def _by_cosine(self, queries: np.ndarray, top_k: int) -> list[list[Candidate]]:
         """Exact for a flat index: hits come best first, so asking for more neighbours until top_k
         distinct individuals appear gives exactly the top_k."""
         size = len(self)
         k = min(size, max(8 * top_k, 64))
-        while True:
-            cosines, ids = self._cosine_hits(query, k)
-            candidates = individuals_of([(i, c, c) for i, c in zip(ids, cosines)], self.owner, self.viewpoint_of,
-                                        top_k)
-            if len(candidates) >= top_k or k >= size:
-                return candidates
-            k = min(size, k * 4)
+        answers: list[list[Candidate]] = [[] for _ in queries]
+        pending = np.arange(len(queries))
+        while pending.size:
+            short = []
+            for row, (cosines, ids) in zip(pending, self._cosine_hits(queries[pending], k)):
+                answers[row] = individuals_of([(i, c, c) for i, c in zip(ids, cosines)], self.owner,
+                                              self.viewpoint_of, top_k)
+                if len(answers[row]) < top_k and k < size:
+                    short.append(row)
+            pending, k = np.array(short, dtype=np.int64), min(size, k * 4)
+        return answers
 
-    def _cosine_hits(self, query: np.ndarray, k: int) -> tuple[list[float], list[int]]:
-        """(cosines, image ids) of the k most similar images, best first."""
+    def _cosine_hits(self, queries: np.ndarray, k: int) -> list[tuple[list[float], list[int]]]:
+        """(cosines, image ids) of the k images most similar to each query, best first."""
         if self.state is not None:
-            cosines, keys = self.state.search(query[None, :], k)
-            return [float(c) for c in cosines[0]], [int(i) for i in keys[0]]
-        scores, vector_ids = self.index.search(query[None, :], k)
-        hits = [(float(s), self.image_of[int(v)]) for s, v in zip(scores[0], vector_ids[0]) if v >= 0]
-        return [s for s, _ in hits], [i for _, i in hits]
+            cosines, keys = self.state.search(queries, k)
+            return [([float(c) for c in row], [int(i) for i in ids]) for row, ids in zip(cosines, keys)]
+        scores, vector_ids = self.index.search(queries, k)
+        out = []
+        for row, ids in zip(scores, vector_ids):
+            hits = [(float(s), self.image_of[int(v)]) for s, v in zip(row, ids) if v >= 0]
+            out.append(([s for s, _ in hits], [i for _, i in hits]))
+        return out
 
     def _vectors(self, image_ids: list[int]) -> np.ndarray:
         if self.state is not None:
             return self.state.vectors_of(np.array(image_ids, dtype=np.int64))
         return self.index.vectors([self.vector_of[i] for i in image_ids])
+
+
+@dataclass
+class QueuedQuery:
+    """A search waiting for the galleries' lock, answered by whichever caller takes it first."""
+    species: str
+    vector: np.ndarray
+    top_k: int
+    answer: list[Candidate] = field(default_factory=list)
+    error: Exception | None = None
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 LayoutOf = Callable[[str], "Layout | None"]  # species -> its gallery's layout, None: no model serves it
@@ -309,6 +331,8 @@ class Galleries:
         # rows embedded by another model (another instance's checkpoint) or of a species no model serves
         self.foreign = 0
         self.lock = threading.RLock()
+        self._queue: list[QueuedQuery] = []  # searches waiting for the lock (`search`)
+        self._queue_lock = threading.Lock()
 
     def _new(self, species: str, size: int) -> SpeciesGallery:
         kind = choose_kind("auto", size, self.ann_threshold) if self.kind == "auto" else self.kind
@@ -387,9 +411,43 @@ class Galleries:
         return written
 
     def search(self, species: str, query: np.ndarray, top_k: int) -> list[Candidate]:
+        """The top_k individuals for one L2-normalised query in a species' gallery.
+
+        Searches take the galleries' lock one at a time, and a 100,000-image gallery's vectors are
+        read from memory whole for each: concurrent searches are memory-bound. So a caller queues its
+        query, and whoever holds the lock answers every query queued by then, those of one species
+        and top_k in one pass over the vectors (flat combining: no thread of its own, and a lone
+        query waits for nobody). The answers are those of each query searched alone."""
+        waiting = QueuedQuery(species, query, top_k)
+        with self._queue_lock:
+            self._queue.append(waiting)
         with self.lock:
+            if not waiting.done.is_set():
+                with self._queue_lock:
+                    queued, self._queue = self._queue, []
+                self._answer(queued)
+        if waiting.error is not None:
+            raise waiting.error
+        return waiting.answer
+
+    def _answer(self, queued: list["QueuedQuery"]) -> None:
+        """Answer queued queries, grouped by (species, top_k); a failing group fails its own queries only."""
+        groups: dict[tuple[str, int], list[QueuedQuery]] = {}
+        for query in queued:
+            groups.setdefault((query.species, query.top_k), []).append(query)
+        for (species, top_k), group in groups.items():
             gallery = self.by_species.get(species)
-            return gallery.search(query, top_k) if gallery is not None else []
+            try:
+                answers = (gallery.search(np.stack([q.vector for q in group]), top_k) if gallery is not None
+                           else [[] for _ in group])
+            except Exception as exc:  # noqa: BLE001 - handed to the callers, each raises it
+                for query in group:
+                    query.error = exc
+            else:
+                for query, answer in zip(group, answers):
+                    query.answer = answer
+            for query in group:
+                query.done.set()
 
     def sizes(self) -> dict[str, int]:
         with self.lock:
