@@ -24,7 +24,7 @@ from service.errors import status_of
 from reid.evaluation.evaluate import RerankOptions
 from reid.identify.gallery import Galleries, Layout
 from reid.identify.photos import decode_upload, parse_bbox
-from reid.store import NewImage, Store, normalise_url
+from reid.store import NewImage, Review, Store, normalise_url
 from reid.store.database import SCHEMA_VERSION, meta
 from service.testing import encode, noise_image, png_with_dimensions, truncated
 
@@ -248,7 +248,7 @@ def check_schema_1_store_is_upgraded(url: str) -> None:
         t.join()
     assert failures == [] and len(opened) == 2
     store = opened[0]
-    assert schema_version(store) == SCHEMA_VERSION == 2 and "viewpoint" in image_columns(store)
+    assert schema_version(store) == SCHEMA_VERSION == 3 and "viewpoint" in image_columns(store)
     assert truth(store) == before and store.change_seq() == seq  # the upgrade is no change of the gallery
     a = store.get_individual(1)
     assert [i["viewpoint"] for i in a["images"]] == [None, None, None]
@@ -265,6 +265,42 @@ def check_schema_1_store_is_upgraded(url: str) -> None:
 
 def test_a_schema_1_sqlite_store_is_upgraded_when_opened(sqlite_url):
     check_schema_1_store_is_upgraded(sqlite_url)
+
+
+def check_schema_2_store_is_upgraded(url: str) -> None:
+    """A store of schema 2 (no reviews table) gets the table, keeps its rows, and records and lists reviews."""
+    store = Store(url)
+    a = store.enroll("A", "zebra", [image(1)], "m", "k")["individual_id"]
+    rows, seq = truth(store), store.change_seq()
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE reviews")
+    store.close()
+    set_schema_version(url, 2)
+    with pytest.raises(ReidError, match="schema version 2, older than this wildreid's"):
+        Store(url, create=False).check_schema()
+    store = Store(url)
+    assert schema_version(store) == SCHEMA_VERSION == 3 and "reviews" in inspect(store.engine).get_table_names()
+    assert truth(store) == rows and store.change_seq() == seq
+    made = store.add_sighting(a, [image(2)], "m", "k")
+    first = store.record_review(Review("zebra", "confirmed", ["ab" * 32], made["image_ids"], candidate_id=a,
+                                       candidate_rank=1, score=0.9, cosine=0.9, best_score=0.9, decision="match",
+                                       individual_id=a, match_threshold=0.7, new_threshold=0.5), "k")
+    store.record_review(Review("zebra", "rejected", ["cd" * 32], [], candidate_id=a, score=0.4, cosine=0.4), "k")
+    store.record_review(Review("lion", "skipped", ["ef" * 32], []), "k")
+    reviews = store.reviews_of("zebra")
+    assert [(r["verdict"], r["key_name"], r["image_ids"]) for r in reviews] == [
+        ("confirmed", "k", made["image_ids"]), ("rejected", "k", [])]
+    assert reviews[0]["query_sha256"] == ["ab" * 32] and reviews[0]["cosine"] == pytest.approx(0.9)
+    assert [r["verdict"] for r in store.reviews_of("zebra", after_id=first)] == ["rejected"]
+    with pytest.raises(InvalidInput, match="unknown verdict"):
+        store.record_review(Review("zebra", "maybe", [], []), "k")
+    audited = [e["action"] for e in store.audit_entries(10) if e["target_type"] == "review"]
+    assert audited == ["review.skipped", "review.rejected", "review.confirmed"]
+    store.close()
+
+
+def test_a_schema_2_sqlite_store_gets_the_reviews_table(sqlite_url):
+    check_schema_2_store_is_upgraded(sqlite_url)
 
 
 def check_newer_schema_is_refused(url: str) -> None:
@@ -429,6 +465,10 @@ def test_postgres_concurrent_merges_of_one_pair(postgres_url):
 
 def test_postgres_schema_1_store_is_upgraded_when_opened(postgres_url):
     check_schema_1_store_is_upgraded(postgres_url)
+
+
+def test_postgres_schema_2_store_gets_the_reviews_table(postgres_url):
+    check_schema_2_store_is_upgraded(postgres_url)
 
 
 def test_postgres_store_of_a_newer_schema_is_refused(postgres_url):

@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from sqlalchemy import (BigInteger, Column, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Table,
+from sqlalchemy import (BigInteger, Column, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Table,
                         Text, and_, create_engine, event, func, insert, inspect, literal, or_, select, update)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from reid.errors import Conflict, InvalidInput, NotFound, ReidError
 
-SCHEMA_VERSION = 2  # 2: images.viewpoint
+SCHEMA_VERSION = 3  # 2: images.viewpoint; 3: reviews
 KEY_PREFIX = "wr_"
 
 log = logging.getLogger("wildreid.store")
@@ -132,6 +132,36 @@ audit_log = Table(
 )
 
 
+# every verdict of a person on an identification (the review web app, service/web): what the model proposed,
+# what the reviewer said, and who; `reid calibrate --reviews` refits a species' thresholds from them
+reviews = Table(
+    "reviews", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", String(32), nullable=False),
+    Column("key_name", String(200)),
+    Column("species", String(100), nullable=False),
+    Column("verdict", String(20), nullable=False),  # REVIEW_VERDICTS
+    Column("query_sha256", Text, nullable=False),  # JSON list: SHA-256 of each photo of the animal's query
+    Column("image_ids", Text, nullable=False, default="[]"),  # JSON list: the images stored by the verdict
+    Column("encounter", String(64)),  # the review app's encounter the photos were uploaded in
+    Column("animal_index", Integer),
+    Column("candidate_id", Integer, ForeignKey("individuals.id")),  # the candidate the verdict is about
+    Column("candidate_rank", Integer),
+    Column("score", Float),  # the candidate's ranking score and cosine
+    Column("cosine", Float),
+    Column("best_score", Float),  # the first candidate's cosine, which the thresholds were applied to
+    Column("decision", String(20)),  # the service's: match, uncertain, new
+    Column("individual_id", Integer, ForeignKey("individuals.id")),  # who the animal is after the verdict
+    Column("model", String(64)),
+    Column("match_threshold", Float),
+    Column("new_threshold", Float),
+    Column("thresholds_source", String(50)),
+    Index("ix_reviews_species", "species"),
+)
+
+REVIEW_VERDICTS = ("confirmed", "new", "rejected", "skipped")
+
+
 def _add_image_viewpoint(conn: Connection) -> None:
     """Schema 1 -> 2: images record the flank they show. The column is looked for first, so the step
     also completes a store whose column is there already."""
@@ -139,7 +169,12 @@ def _add_image_viewpoint(conn: Connection) -> None:
         conn.exec_driver_sql("ALTER TABLE images ADD COLUMN viewpoint VARCHAR(50)")
 
 
-MIGRATIONS = {1: _add_image_viewpoint}  # schema version -> the step that brings a store to the next one
+def _add_reviews(conn: Connection) -> None:
+    """Schema 2 -> 3: the reviews table (with its index), unless it is there already."""
+    reviews.create(conn, checkfirst=True)
+
+
+MIGRATIONS = {1: _add_image_viewpoint, 2: _add_reviews}  # schema version -> the step that brings a store to the next one
 
 
 def now_iso() -> str:
@@ -171,6 +206,28 @@ class NewImage:
     filename: str | None = None
     bbox: str | None = None
     viewpoint: str | None = None
+
+
+@dataclass
+class Review:
+    """A reviewer's verdict on one animal of an identification, as `Store.record_review` writes it."""
+    species: str
+    verdict: str
+    query_sha256: list[str]
+    image_ids: list[int]
+    encounter: str | None = None
+    animal_index: int | None = None
+    candidate_id: int | None = None
+    candidate_rank: int | None = None
+    score: float | None = None
+    cosine: float | None = None
+    best_score: float | None = None
+    decision: str | None = None
+    individual_id: int | None = None
+    model: str | None = None
+    match_threshold: float | None = None
+    new_threshold: float | None = None
+    thresholds_source: str | None = None
 
 
 @dataclass
@@ -640,6 +697,34 @@ class Store:
             row["detail"] = json.loads(row["detail"] or "{}")
         return out
 
+    def audit_of(self, target_type: str, target_id: int, limit: int = 200) -> list[dict]:
+        """The audit entries of one target (an individual's history), newest first."""
+        with self.read() as conn:
+            rows = conn.execute(select(audit_log).where(audit_log.c.target_type == target_type,
+                                                        audit_log.c.target_id == target_id)
+                                .order_by(audit_log.c.id.desc()).limit(limit))
+            out = [dict(r._mapping) for r in rows]
+        for row in out:
+            row["detail"] = json.loads(row["detail"] or "{}")
+        return out
+
+    def representative_images(self, individual_ids) -> dict[int, list[dict]]:
+        """Per individual, its first image of each viewpoint (flank), as {viewpoint, image_id} in viewpoint order
+        (unknown last): what a list of individuals shows of each."""
+        ids = sorted({int(i) for i in individual_ids})
+        if not ids:
+            return {}
+        with self.read() as conn:
+            rows = conn.execute(select(images.c.individual_id, images.c.viewpoint, func.min(images.c.id).label("first"))
+                                .where(images.c.individual_id.in_(ids))
+                                .group_by(images.c.individual_id, images.c.viewpoint))
+            out: dict[int, list[dict]] = {}
+            for row in rows:
+                out.setdefault(row.individual_id, []).append({"viewpoint": row.viewpoint, "image_id": row.first})
+        for flanks in out.values():
+            flanks.sort(key=lambda f: (f["viewpoint"] is None, f["viewpoint"] or ""))
+        return out
+
     def counts(self) -> dict:
         with self.read() as conn:
             return {
@@ -647,6 +732,34 @@ class Store:
                     individuals.c.deleted_at.is_(None), individuals.c.merged_into.is_(None))).scalar_one(),
                 "images": conn.execute(select(func.count()).select_from(images)).scalar_one(),
             }
+
+    # ------------------------------------------------------------------ reviews
+    def record_review(self, review: Review, key_name: str | None) -> int:
+        """Store (and audit) one reviewer's verdict; returns its id."""
+        if review.verdict not in REVIEW_VERDICTS:
+            raise InvalidInput(f"unknown verdict '{review.verdict}': one of {', '.join(REVIEW_VERDICTS)}",
+                               code="invalid_verdict")
+        values = {**vars(review), "query_sha256": json.dumps(review.query_sha256),
+                  "image_ids": json.dumps(review.image_ids)}
+        with self.write() as tx:
+            review_id = tx.conn.execute(insert(reviews).values(at=tx.now, key_name=key_name, **values)
+                                        .returning(reviews.c.id)).scalar_one()
+            self.audit(tx, key_name, f"review.{review.verdict}", "review", review_id, species=review.species,
+                       candidate_id=review.candidate_id, individual_id=review.individual_id,
+                       encounter=review.encounter, animal_index=review.animal_index)
+        return review_id
+
+    def reviews_of(self, species: str, after_id: int = 0, limit: int = 10_000) -> list[dict]:
+        """The reviews of a species in the order they were made, from `after_id` on (what a threshold refit
+        reads: each verdict with the scores the model gave)."""
+        with self.read() as conn:
+            out = [dict(r._mapping) for r in conn.execute(
+                select(reviews).where(reviews.c.species == species, reviews.c.id > after_id)
+                .order_by(reviews.c.id).limit(limit))]
+        for row in out:
+            row["query_sha256"] = json.loads(row["query_sha256"])
+            row["image_ids"] = json.loads(row["image_ids"] or "[]")
+        return out
 
     # ------------------------------------------------------------------ model upkeep
     def stale_images(self, species: str, model: str, after_id: int = 0, limit: int = 256) -> list[dict]:
