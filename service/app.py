@@ -27,6 +27,7 @@ from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.routers import health, identify, images, individuals
 from service.routers.health import VERSION
 from service.settings import Settings
+from service import web
 from reid.store import disk_full
 
 log = logging.getLogger("wildreid.service")
@@ -167,6 +168,7 @@ def create_app(settings: Settings) -> FastAPI:
     optional_keys_in_schema(app, settings.require_key_for_reads)
     for router in (identify.router, individuals.router, images.router, health.router):
         app.include_router(router)
+    web.install(app)  # the review web app at / (service/web)
     # added last = outermost: metrics see every answer, the 413s of the body limit included
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes,
                        idle_timeout_s=settings.body_idle_timeout_s, deadline_s=settings.body_deadline_s)
