@@ -236,3 +236,24 @@ def test_each_decision_is_a_review_row_and_audited(app_client, service, key, pho
     r = client.post(f"/encounters/{more}/animals/0/more", data={"csrf": token})
     assert r.status_code == 303
     assert "3 candidates" in client.get(f"/encounters/{more}").text  # all three of the gallery
+
+
+def test_delete_and_restore_through_the_store_functions(app_client, service, key, photos):
+    client, token = signed_in(app_client, key)
+    blobs = photos[list(photos)[4]]
+    r = client.post("/individuals/new", data={"csrf": token, "name": "Gone", "species": "eland"}, files=[jpeg(blobs[0])])
+    individual = int(r.headers["location"].rsplit("/", 1)[1])
+    back = {"referer": f"{ORIGIN}/individuals/{individual}"}
+    assert client.post(f"/individuals/{individual}/delete", data={"csrf": token}, headers=back).status_code == 303
+    assert service.store.get_individual(individual)["deleted_at"] is not None
+    assert service.galleries.sizes().get("eland", 0) == 0  # its photos left the gallery
+    assert "Gone" not in client.get("/individuals?species=eland").text
+    assert "Gone" in client.get("/individuals?species=eland&deleted=true").text
+    # deleting it again: the store's refusal, in words, on the page the form came from
+    client.post(f"/individuals/{individual}/delete", data={"csrf": token}, headers=back)
+    assert f"individual {individual} is already deleted" in client.get(f"/individuals/{individual}").text
+    assert client.post(f"/individuals/{individual}/restore", data={"csrf": token}, headers=back).status_code == 303
+    assert service.store.get_individual(individual)["deleted_at"] is None
+    assert service.galleries.sizes()["eland"] == 1
+    history = client.get(f"/individuals/{individual}").text
+    assert "individual.delete" in history and "individual.restore" in history
