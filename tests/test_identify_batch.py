@@ -35,6 +35,7 @@ from reid.identify.photos import decode_upload
 from reid.store import store_file
 from service.settings import Settings, build_settings
 from reid.store import NewImage, Store
+from reid.store.database import SCHEMA_VERSION
 from tests.conftest import write_checkpoint
 
 CAT, ANTELOPE = "spotted-cat", "striped-antelope"
@@ -288,7 +289,7 @@ def test_a_store_of_an_older_schema_is_read_only_refused_not_upgraded(world, tmp
     code, _, err = run_cli(["--images", str(world["paths"].images), "--species", CAT, "--routes", str(world["routes"]),
                             "--store", str(tmp_path / "old-store"), "--out", str(tmp_path / "r.csv")], capsys)
     assert code == 2 and "Traceback" not in err
-    assert "schema version 1, older than this wildreid's (2): start `reid serve` on it once" in err
+    assert f"schema version 1, older than this wildreid's ({SCHEMA_VERSION}): start `reid serve` on it once" in err
     store = Store(url, create=False)
     assert schema_version(store) == 1  # identify-batch only reads the store
     store.close()

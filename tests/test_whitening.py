@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from reid.embedding import Embedder, compute_embeddings
+from reid.embedding import Embedder
 from reid.errors import ConfigError
 from reid.evaluation.metrics import retrieval_metrics
 from reid.model.build import build_model
@@ -79,11 +79,12 @@ def test_a_run_with_whitening_keeps_it_in_best_pt_and_the_embedder_applies_it(tm
     best = load_checkpoint(tmp_path / "run" / "best.pt")
     assert best["metrics"] == whitening["after"] and best["whitening"]["before"] == whitening["before"]
 
-    # what the embedder serves is the whitening of the best weights' pooled training features
+    # what the embedder serves is the whitening of the best weights' pooled training features, as
+    # training computed them: refitted on the embedder's own features (equal to 1e-7, normalised from
+    # uint8 a batch at a time) the eigenvectors of the 32 photos' degenerate covariance could turn
     embedder = Embedder.from_checkpoint(tmp_path / "run" / "best.pt", tta="none")
     paths = table["path"].tolist()
-    features = compute_embeddings(PooledFeatures(embedder.model), embedder._dataset(paths), 16, torch.device("cpu"),
-                                  normalize=False)
+    features = trainer.embed(np.arange(len(table)), "features", PooledFeatures(embedder.model), normalize=False)
     mean, projection = learned_whitening(features[~val], ids[~val], cfg["model"]["embedding_dim"])
     expected = (features - mean) @ projection
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
