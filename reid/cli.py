@@ -137,9 +137,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibrate = sub.add_parser("calibrate", help="choose the post-processing (TTA, re-ranking) and the match / "
                                                  "new-individual thresholds from a CV run's "
-                                                 "out-of-fold embeddings and store them in its checkpoints")
-    calibrate.add_argument("--run", required=True, help="folder of a `reid cv` run")
+                                                 "out-of-fold embeddings and store them in its checkpoints; or, "
+                                                 "with --reviews, refit a species' thresholds from people's verdicts")
+    source = calibrate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="folder of a `reid cv` run")
+    source.add_argument("--reviews", metavar="STORE", help="store folder of `reid serve` whose review web app "
+                                                           "recorded verdicts (needs --species and --checkpoint)")
+    calibrate.add_argument("--species", help="with --reviews: the species whose verdicts refit its thresholds")
+    calibrate.add_argument("--checkpoint", help="with --reviews: the best.pt that serves the species (the new "
+                                                "thresholds are stored in it)")
+    calibrate.add_argument("--database-url", help="with --reviews: SQLAlchemy URL of the store's shared database "
+                                                  "instead of its SQLite")
     calibrate.add_argument("--precision", type=_fraction(open_interval=True), default=0.95, help="target precision of both decisions")
+
+    reviews = sub.add_parser("reviews", help="the review web app's verdicts: export them as labelled pairs")
+    reviews_sub = reviews.add_subparsers(dest="reviews_command", required=True)
+    reviews_export = reviews_sub.add_parser("export", help="one row per (query photo, candidate individual) verdict, "
+                                                           "labelled same / different, as CSV")
+    reviews_export.add_argument("--store", required=True, help="store folder of `reid serve`")
+    reviews_export.add_argument("--database-url", help="SQLAlchemy URL of the store's shared database instead of "
+                                                       "its SQLite")
+    reviews_export.add_argument("--out", required=True, help="CSV to write (atomically), e.g. pairs.csv")
+    reviews_export.add_argument("--species", help="only this species' verdicts (default: every species)")
 
     export = sub.add_parser("export", help="export a checkpoint's model for ONNX Runtime: embed, evaluate, serve and "
                                            "identify-batch take the .onnx wherever they take the checkpoint")
@@ -411,6 +430,13 @@ def _write_report(path: Path, queries, gallery, results, metrics: dict, options)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
+    if args.reviews is not None:
+        return _calibrate_reviews(args)
+    given = [flag for flag, value in (("--species", args.species), ("--checkpoint", args.checkpoint),
+                                      ("--database-url", args.database_url)) if value is not None]
+    if given:
+        raise ReidError(f"{' and '.join(given)} go with --reviews STORE; --run calibrates every checkpoint of "
+                        "the run")
     from reid.evaluation.calibration import calibrate_run
 
     thresholds, checkpoints = calibrate_run(args.run, args.precision)
@@ -432,6 +458,45 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         from reid.modelcard import write_model_card
 
         print(f"model card: {write_model_card(args.run)}")
+
+
+def _calibrate_reviews(args: argparse.Namespace) -> None:
+    from reid.evaluation.review_calibration import OUTCOME_WORDS, OUTCOMES, calibrate_from_reviews
+
+    missing = [flag for flag, value in (("--species SPECIES", args.species), ("--checkpoint best.pt", args.checkpoint))
+               if value is None]
+    if missing:
+        raise ReidError(f"--reviews needs {' and '.join(missing)}: the species whose verdicts refit its thresholds "
+                        "and the checkpoint that serves it")
+    done = calibrate_from_reviews(args.reviews, args.species, args.checkpoint, args.precision, args.database_url)
+    other = sum(done.other_model.values())
+    print(f"read {done.read} reviews of {done.species} from {args.reviews}"
+          + (f"; {other} ignored, scored by another model than this checkpoint's ("
+             + ", ".join(f"{model}: {count}" for model, count in done.other_model.most_common(3)) + ")"
+             if other else "; all scored by this checkpoint's model"))
+    print("animals used: " + ", ".join(f"{done.counts[kind]} {OUTCOME_WORDS[kind]}" for kind in OUTCOMES)
+          + (f"; {done.undecided} without a verdict that counts (skipped, or a lower candidate rejected)"
+             if done.undecided else "")
+          + (f"; {done.unscored} that had no candidate" if done.unscored else ""))
+    new, old = done.calibration, done.before
+    print(f"match threshold {old['match_threshold']:.4f} -> {new['match_threshold']:.4f}, new-individual threshold "
+          f"{old['new_threshold']:.4f} -> {new['new_threshold']:.4f} (precision {args.precision}; before: "
+          f"{done.before_source})")
+    print(f"stored in {done.checkpoint} (its post-processing kept); `reid serve` takes them when it next starts, "
+          "for every species the checkpoint serves without thresholds of its own route")
+
+
+def cmd_reviews(args: argparse.Namespace) -> None:
+    from reid.evaluation.review_pairs import export_review_pairs, label_counts
+
+    table, read = export_review_pairs(args.store, args.out, args.species, args.database_url)
+    labels = label_counts(table)
+    print(f"{args.out}: {len(table)} rows ({labels['same']} same, {labels['different']} different) from {read} "
+          f"reviews" + (f" of {args.species}" if args.species else " (every species)"))
+    unstored = int((table["query_path"] == "").sum())
+    if unstored:
+        print(f"{unstored} rows have no query_path: the store holds no file of their photo (never stored, as a "
+              "photo only rejected, or its file is gone)")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -479,7 +544,8 @@ def cmd_submit_pairs(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"synth": cmd_synth, "train-species": cmd_train_species, "train": cmd_train, "cv": cmd_cv, "sweep": cmd_sweep, "demo": cmd_demo, "embed": cmd_embed,
-            "index": cmd_index, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "export": cmd_export,
+            "index": cmd_index, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "reviews": cmd_reviews,
+            "export": cmd_export,
             "submit-pairs": cmd_submit_pairs}
 
 
