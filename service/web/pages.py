@@ -39,6 +39,7 @@ log = logging.getLogger("wildreid.web")
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=HERE / "templates")
 PER_PAGE = 48
+SUGGESTIONS = 50  # merge suggestions shown per species
 Token = Annotated[str, PathParam(pattern=TOKEN_PATTERN, description="an encounter")]
 Index = Annotated[int, PathParam(ge=0, le=1000)]
 
@@ -281,6 +282,25 @@ async def restore_form(request: Request, individual_id: IndividualId, service: S
                        who: WriterDep) -> Response:
     await run_in_threadpool(views.set_deleted, service, individual_id, False, who.key_name)
     return redirect(request, f"/individuals/{individual_id}", who, f"Restored individual {individual_id}")
+
+
+# ---------------------------------------------------------------------- merge suggestions
+@router.get("/suggestions", response_class=HTMLResponse)
+async def suggestions_page(request: Request, service: ServiceDep, who: ReaderDep,
+                           species: Annotated[str, Query(max_length=100)] = "") -> HTMLResponse:
+    listing = await run_in_threadpool(views.merge_suggestions, service, species, SUGGESTIONS)
+    return page(request, "suggestions.html", who, **listing)
+
+
+@router.post("/suggestions/dismiss")
+async def dismiss_form(request: Request, service: ServiceDep, who: WriterDep,
+                       species: Annotated[str, Form(max_length=100)],
+                       individual_a: Annotated[int, Form(ge=1, le=2**31 - 1)],
+                       individual_b: Annotated[int, Form(ge=1, le=2**31 - 1)],
+                       back: Annotated[str, Form(max_length=2000)] = "/suggestions") -> Response:
+    message = await run_in_threadpool(views.dismiss_suggestion, service, species, individual_a, individual_b,
+                                      who.key_name)
+    return redirect(request, local(back, "/suggestions"), who, message)
 
 
 # ---------------------------------------------------------------------- stored photos

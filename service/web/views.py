@@ -7,8 +7,11 @@ from fastapi import UploadFile
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from reid.errors import InvalidInput
+from reid.errors import Conflict, InvalidInput, NotFound
 from reid.identify.animals import plan_viewpoints
+from reid.identify.decision import decide
+from reid.identify.duplicates import DuplicatePair, duplicate_pairs, gallery_arrays
+from reid.store import Review
 from service.budget import Lease
 from service.core import Service
 from reid.species.names import normalise_species
@@ -57,6 +60,99 @@ def merge_pair(service: Service, target_id: int, source_id: int) -> tuple[dict, 
     if target_id == source_id:
         raise InvalidInput(f"cannot merge individual {target_id} into itself", code="merge_into_self")
     return service.store.get_individual(target_id), service.store.get_individual(source_id)
+
+
+def merge_suggestions(service: Service, species: str, top_n: int) -> dict:
+    """Per species (or only `species`), the pairs of individuals whose photos match each other at or above
+    its match threshold, best first (at most `top_n`), without the pairs a reviewer said are not the same."""
+    wanted = _species(species)
+    service.galleries.sync()
+    sizes = service.galleries.sizes()
+    if wanted and wanted not in sizes and wanted not in species_choices(service):
+        raise NotFound(f"unknown species '{wanted}' (species of this store: {', '.join(sorted(sizes)) or 'none yet'})",
+                       code="unknown_species")
+    sections = []
+    for name in [wanted] if wanted else sorted(sizes):
+        model = service.models.model(name)
+        section = {"species": name, "gallery_size": sizes.get(name, 0), "pairs": [], "threshold": None,
+                   "source": None, "note": None, "dismissed": 0}
+        sections.append(section)
+        if model is None:
+            section["note"] = f"no re-ID model serves species '{name}': its photos are not compared"
+            continue
+        threshold = model.thresholds["match_threshold"]
+        dismissed = _dismissed_pairs(service, name)
+        section.update(threshold=threshold, source=model.threshold_source, dismissed=len(dismissed))
+        arrays = gallery_arrays(service.galleries, name)
+        pairs = [p for p in duplicate_pairs(arrays.vectors, arrays.individual_ids, arrays.image_ids, threshold,
+                                            top_n + len(dismissed))
+                 if (p.individual_a, p.individual_b) not in dismissed][:top_n]
+        names = service.store.names([i for p in pairs for i in (p.individual_a, p.individual_b)])
+        section["pairs"] = [{"a": {"id": p.individual_a, "name": names.get(p.individual_a, "")},
+                             "b": {"id": p.individual_b, "name": names.get(p.individual_b, "")},
+                             "cosine": p.cosine, "image_a": p.image_a, "image_b": p.image_b} for p in pairs]
+    return {"sections": sections, "species": species, "species_choices": sorted(sizes), "top_n": top_n}
+
+
+def dismiss_suggestion(service: Service, species: str, first: int, second: int, key_name: str) -> str:
+    """Record that two suggested individuals are not the same animal (a review `rejected`: the photo of one
+    that matched best is not the other), so that they are no longer suggested; returns what was done."""
+    wanted = _species(species)
+    if not wanted:
+        raise InvalidInput("say which species the two individuals are of", code="species_required")
+    if first == second:
+        raise InvalidInput(f"individual {first} is the same as itself: nothing to dismiss", code="same_individual")
+    a, b = sorted((first, second))
+    model = service.models.model(wanted)
+    if model is None:
+        raise Conflict(f"no re-ID model serves species '{wanted}': it has no suggestions", code="no_reid_model")
+    if (a, b) in _dismissed_pairs(service, wanted):
+        raise Conflict(f"individuals {a} and {b} were marked as not the same already", code="already_dismissed")
+    pair = _best_pair(service, wanted, a, b)
+    thresholds = model.thresholds
+    names = service.store.names([a, b])
+    service.store.record_review(Review(
+        species=wanted, verdict="rejected", query_sha256=[service.store.get_image(pair.image_a)["sha256"]],
+        image_ids=[], candidate_id=b, individual_id=a, score=pair.cosine, cosine=pair.cosine,
+        best_score=pair.cosine, decision=decide(pair.cosine, thresholds), model=model.network.stamp,
+        match_threshold=thresholds["match_threshold"], new_threshold=thresholds["new_threshold"],
+        thresholds_source=model.threshold_source), key_name)
+    return f"Not the same: {names.get(a, a)} and {names.get(b, b)} are no longer suggested for a merge"
+
+
+def _species(species: str) -> str | None:
+    try:
+        return normalise_species(species)
+    except ValueError as exc:
+        raise InvalidInput(f"species '{species}': {exc}", code="invalid_species") from None
+
+
+def _best_pair(service: Service, species: str, a: int, b: int) -> DuplicatePair:
+    """The best-matching photos of two individuals of a species' gallery (their cosine, whatever the threshold)."""
+    service.galleries.sync()
+    arrays = gallery_arrays(service.galleries, species)
+    rows = (arrays.individual_ids == a) | (arrays.individual_ids == b)
+    for individual in (a, b):
+        if not (arrays.individual_ids == individual).any():
+            raise NotFound(f"individual {individual} has no searchable {species} photos (it does not exist, is of "
+                           "another species, or was merged or deleted)", code="individual_not_in_gallery")
+    return duplicate_pairs(arrays.vectors[rows], arrays.individual_ids[rows], arrays.image_ids[rows], -1.0, 1)[0]
+
+
+def _dismissed_pairs(service: Service, species: str) -> set[tuple[int, int]]:
+    """The pairs of individuals (smaller id first) a reviewer said are not the same: the reviews `rejected`
+    outside an encounter that name both individuals (`dismiss_suggestion`)."""
+    out: set[tuple[int, int]] = set()
+    after, page = 0, 10_000
+    while True:
+        rows = service.store.reviews_of(species, after, page)
+        for row in rows:
+            if (row["verdict"] == "rejected" and row["encounter"] is None and row["candidate_id"] is not None
+                    and row["individual_id"] is not None):
+                out.add(tuple(sorted((row["candidate_id"], row["individual_id"]))))
+        if len(rows) < page:
+            return out
+        after = rows[-1]["id"]
 
 
 def set_deleted(service: Service, individual_id: int, deleted: bool, key_name: str) -> None:
