@@ -151,9 +151,11 @@ def create_app(settings: Settings) -> FastAPI:
             anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threadpool_size
         service = await run_in_threadpool(Service.open, settings, metrics)
         app.state.service = service
+        web.start(app, service)
         try:
             yield
         finally:
+            await web.stop(app)
             app.state.service = None
             await run_in_threadpool(service.close)
 

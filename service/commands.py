@@ -44,6 +44,9 @@ def register(subparsers) -> dict:
                             "the rerank_* values of --settings for every species, or off")
     serve.add_argument("--require-key-for-reads", action="store_true", default=None,
                        help="identify and GET requests need an API key too")
+    serve.add_argument("--batch-root", action="append", dest="batch_roots", metavar="DIR",
+                       help="a folder of this server that the review app's batch jobs may read photos from (and "
+                            "what is under it); repeat for several. Without it, jobs take uploaded photos only")
     serve.add_argument("--settings", help="YAML or JSON file of further settings (upload limits, thresholds, "
                                           "batching: see service/settings.py); flags win over it")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -69,7 +72,8 @@ def _settings(args: argparse.Namespace):
               "species_classifier": getattr(args, "species_classifier", None),
               "database_url": args.database_url, "tta": getattr(args, "tta", None),
               "rerank": getattr(args, "rerank", None),
-              "require_key_for_reads": getattr(args, "require_key_for_reads", None)}
+              "require_key_for_reads": getattr(args, "require_key_for_reads", None),
+              "batch_roots": getattr(args, "batch_roots", None)}
     if getattr(args, "settings", None):
         return Settings.from_file(args.settings, **values)
     return build_settings(**{k: v for k, v in values.items() if v is not None})

@@ -110,6 +110,15 @@ class Settings(BaseModel):
     threadpool_size: int | None = Field(None, ge=1, description="threads that decode, crop and search for requests "
                                                                "at once (default: anyio's 40)")
 
+    # batch jobs of the review app (service/web/jobs.py)
+    batch_roots: list[Path] = Field(default_factory=list, description="server folders (and what is under them) "
+                                                                     "that batch jobs may read photos from; none: "
+                                                                     "jobs take uploaded photos only")
+    max_job_upload_bytes: int = Field(2048 * MB, ge=1, description="largest unpacked zip of a batch job's upload")
+    job_poll_s: float = Field(2.0, gt=0, description="how often an idle instance looks for a queued job")
+    job_stale_s: float = Field(60.0, gt=0, description="a running job whose instance has not beaten for this long "
+                                                       "(it stopped) is taken by the next instance that looks")
+
     # storage
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
     page_size_max: int = Field(200, ge=1)
@@ -123,6 +132,11 @@ class Settings(BaseModel):
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return None if value is None else Path(value).expanduser().absolute()
+
+    @field_validator("batch_roots")
+    @classmethod
+    def _resolved(cls, value: list[Path]) -> list[Path]:
+        return [Path(root).expanduser().resolve() for root in value]
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

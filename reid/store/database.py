@@ -36,7 +36,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from reid.errors import Conflict, InvalidInput, NotFound, ReidError
 
-SCHEMA_VERSION = 3  # 2: images.viewpoint; 3: reviews
+SCHEMA_VERSION = 4  # 2: images.viewpoint; 3: reviews; 4: jobs
 KEY_PREFIX = "wr_"
 
 log = logging.getLogger("wildreid.store")
@@ -161,6 +161,41 @@ reviews = Table(
 
 REVIEW_VERDICTS = ("confirmed", "new", "rejected", "skipped")
 
+# background identification of many photos (the review app's batch jobs; reid/store/jobs.py): a job's row, taken
+# by one instance at a time, and one row per photo, so that a job goes on where it stopped after a restart
+jobs = Table(
+    "jobs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", String(32), nullable=False),
+    Column("key_name", String(200)),
+    Column("name", String(200), nullable=False),
+    Column("species", String(100)),  # None: each animal's species from the species classifier
+    Column("folder", Text, nullable=False),  # the photos: an upload kept under the store, or a folder of the server
+    Column("review_all", Integer, nullable=False, default=0),  # every result in the review queue, not only doubts
+    Column("state", String(20), nullable=False),  # JOB_STATES
+    Column("total", Integer, nullable=False),
+    Column("started_at", String(32)),
+    Column("finished_at", String(32)),
+    Column("heartbeat_at", Float),  # seconds since the epoch; SQLite's claim (it has no row locks) goes by it
+    Column("error", Text),
+)
+
+job_items = Table(
+    "job_items", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("file", Text, nullable=False),  # the photo, relative to the job's folder
+    Column("state", String(20), nullable=False),  # pending, done, failed
+    Column("encounter", String(64)),  # the review app's encounter its animals are decided in
+    Column("decisions", Text),  # JSON: each animal's decision
+    Column("to_review", Integer, nullable=False, default=0),  # its animals in the review queue still undecided
+    Column("error", Text),
+    Index("ix_job_items_job", "job_id", "position"),
+)
+
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+
 
 def _add_image_viewpoint(conn: Connection) -> None:
     """Schema 1 -> 2: images record the flank they show. The column is looked for first, so the step
@@ -174,7 +209,13 @@ def _add_reviews(conn: Connection) -> None:
     reviews.create(conn, checkfirst=True)
 
 
-MIGRATIONS = {1: _add_image_viewpoint, 2: _add_reviews}  # schema version -> the step that brings a store to the next one
+def _add_jobs(conn: Connection) -> None:
+    """Schema 3 -> 4: the jobs and job_items tables, unless they are there already."""
+    jobs.create(conn, checkfirst=True)
+    job_items.create(conn, checkfirst=True)
+
+
+MIGRATIONS = {1: _add_image_viewpoint, 2: _add_reviews, 3: _add_jobs}  # schema version -> the step that brings a store to the next one
 
 
 def now_iso() -> str:
@@ -244,7 +285,7 @@ class GalleryRow:
 @dataclass
 class Tx:
     conn: Connection
-    seq: int
+    seq: int | None  # None: a write outside the change feed (Store.write_aside)
     now: str
 
 
@@ -390,6 +431,13 @@ class Store:
             seq = conn.execute(update(meta).where(meta.c.id == 1).values(change_seq=meta.c.change_seq + 1)
                                .returning(meta.c.change_seq)).scalar_one()
             yield Tx(conn, int(seq), now_iso())
+
+    @contextmanager
+    def write_aside(self) -> Iterator[Tx]:
+        """A write transaction outside the change feed (batch jobs' progress, not the gallery): it takes no
+        change sequence, so it neither waits for the gallery's writers nor makes galleries look for changes."""
+        with self.engine.connect().execution_options(write=True) as conn, conn.begin():
+            yield Tx(conn, None, now_iso())
 
     @staticmethod
     def audit(tx: Tx, key_name: str | None, action: str, target_type: str | None, target_id: int | None,

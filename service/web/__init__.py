@@ -9,6 +9,9 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from service.core import Service
+from service.web import job_pages
+from service.web.jobs import JobRunner
 from service.web.pages import router
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -16,4 +19,15 @@ STATIC = Path(__file__).resolve().parent / "static"
 
 def install(app: FastAPI) -> None:
     app.include_router(router)
+    app.include_router(job_pages.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+
+def start(app: FastAPI, service: Service) -> None:
+    """Start this instance's batch job runner (in the app's event loop, beside the requests)."""
+    app.state.jobs = JobRunner(service)
+    app.state.jobs.start()
+
+
+async def stop(app: FastAPI) -> None:
+    await app.state.jobs.stop()

@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from reid.errors import Conflict, InvalidInput, NotFound
 from reid.identify.animals import Animal, plan_viewpoints
 from reid.store import Review
+from reid.store.jobs import JobQueue, review_count
 from reid.store.database import now_iso
 from service.budget import Lease
 from service.core import Service
@@ -88,8 +89,9 @@ def drop_old(root: Path, now: float) -> None:
 
 # ---------------------------------------------------------------------- identify
 async def identify_encounter(service: Service, files: list[UploadFile], species: str | None, lease: Lease,
-                             key_name: str | None) -> str:
-    """Identify the photos of one encounter as POST /v1/identify does; keep them as an encounter, return its token."""
+                             key_name: str | None, origin: dict | None = None) -> str:
+    """Identify the photos of one encounter as POST /v1/identify does; keep them as an encounter, return its token.
+    `origin` is the batch job photo it is (service/web/jobs.py), whose review queue its verdicts update."""
     files = [f for f in files if f.filename]  # a file input left empty sends one nameless, empty part
     if not files:
         raise InvalidInput("choose at least one photo of the encounter", code="no_images")
@@ -122,6 +124,7 @@ async def identify_encounter(service: Service, files: list[UploadFile], species:
             "candidates": result["candidates"], "top_k": top_k, "note": service.species_only_reason(animal),
             "rejected": [], "verdict": None})
     encounter = {"created_at": now_iso(), "key_name": key_name, "species": form.species, "animals": animals,
+                 "origin": origin,
                  "photos": [{"index": p.index, "filename": p.filename, "outcome": p.outcome, "animals": p.animals,
                              "humans": p.humans, "vehicles": p.vehicles, "sha256": u.sha256,
                              "media_type": u.media_type, "width": u.width, "height": u.height,
@@ -283,7 +286,17 @@ async def decide(service: Service, token: str, index: int, action: str, candidat
                                  "individual_id": individual_id, "name": name if action == "new" else
                                  candidate["name"] if action == "confirm" else None, "review_id": review_id}
         await run_in_threadpool(write_json, encounter, encounters_dir(service) / token / "encounter.json")
+        if encounter.get("origin"):
+            await run_in_threadpool(JobQueue(service.store).set_to_review, encounter["origin"]["item"],
+                                    still_to_review(encounter))
         return message
+
+
+def still_to_review(encounter: dict) -> int:
+    """How many animals of a batch job's encounter are in the job's review queue and undecided."""
+    review_all = encounter["origin"]["review_all"]
+    return sum(animal["verdict"] is None for animal in encounter["animals"]
+               if review_count([animal["decision"]], review_all))
 
 
 def _new_name(name: str, species: str, files: list[UploadFile]) -> str:

@@ -198,6 +198,10 @@ async def decide_form(request: Request, token: Token, index: Index, service: Ser
     action, candidate = encounters.parse_decision(decision)
     message = await encounters.decide(service, token, index, action, candidate, name, viewpoint, who.key_name,
                                       lease)
+    encounter = await run_in_threadpool(encounters.load, service, token)
+    origin = encounter.get("origin")
+    if origin and not encounters.still_to_review(encounter):  # a batch job's photo, done: on to the next one
+        return redirect(request, f"/jobs/{origin['job']}/next?after={origin['position']}", who, message)
     return redirect(request, f"/encounters/{token}#animal-{index}", who, message)
 
 
