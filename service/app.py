@@ -28,6 +28,7 @@ from service.routers import health, identify, images, individuals
 from service.routers.health import VERSION
 from service.settings import Settings
 from service import web
+from service.web.pages import error_page
 from reid.store import disk_full
 
 log = logging.getLogger("wildreid.service")
@@ -71,17 +72,34 @@ def allowed_methods(app: FastAPI, scope) -> list[str]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RequestError)
+    def handler(kind: type[Exception]):
+        """Register the JSON answer to errors of `kind`; a browser's request for a page of the review app
+        (not an API path: web.wants_page) gets the app's error page instead, the message in words."""
+        def register(json_answer):
+            async def answer(request: Request, exc: Exception):
+                if web.wants_page(request.scope):
+                    response = await error_page(request, exc)
+                    if response.status_code == 405:
+                        response.headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope))
+                    return response
+                return await json_answer(request, exc)
+
+            app.add_exception_handler(kind, answer)
+            return json_answer
+
+        return register
+
+    @handler(RequestError)
     async def request_error(request: Request, exc: RequestError):
         status = status_of(exc)
         headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": "1"}}.get(status)
         return error_response(status, exc.code, exc.message, exc.details, headers)
 
-    @app.exception_handler(ReidError)
+    @handler(ReidError)
     async def reid_error(request: Request, exc: ReidError):
         return error_response(422, "invalid_input", str(exc))
 
-    @app.exception_handler(RequestValidationError)
+    @handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         details = []
         for error in exc.errors():
@@ -93,7 +111,7 @@ def install_error_handlers(app: FastAPI) -> None:
         summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
         return error_response(422, "validation_error", f"invalid request: {summary}", details)
 
-    @app.exception_handler(StarletteHTTPException)
+    @handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         code = HTTP_CODES.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
@@ -104,7 +122,7 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope))
         return error_response(exc.status_code, code, message, headers=headers or None)
 
-    @app.exception_handler(DBAPIError)
+    @handler(DBAPIError)
     async def database_error(request: Request, exc: DBAPIError):
         # nothing was committed: every write is one transaction
         log.error("database error on %s %s: %s", request.method, request.url.path, exc.orig)
@@ -115,7 +133,7 @@ def install_error_handlers(app: FastAPI) -> None:
                                                             "unreachable); nothing was written, try again",
                               headers={"Retry-After": "1"})
 
-    @app.exception_handler(Exception)
+    @handler(Exception)
     async def unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         # uvicorn closes the connection after an exception: the client is told, not left to find a reset socket
@@ -173,7 +191,8 @@ def create_app(settings: Settings) -> FastAPI:
     web.install(app)  # the review web app at / (service/web)
     # added last = outermost: metrics see every answer, the 413s of the body limit included
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes,
-                       idle_timeout_s=settings.body_idle_timeout_s, deadline_s=settings.body_deadline_s)
+                       idle_timeout_s=settings.body_idle_timeout_s, deadline_s=settings.body_deadline_s,
+                       page_for=web.wants_page)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 

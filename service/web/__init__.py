@@ -15,6 +15,15 @@ from service.web.jobs import JobRunner
 from service.web.pages import router
 
 STATIC = Path(__file__).resolve().parent / "static"
+# the API's own paths (first segment): their errors stay JSON, whoever asks
+API_SEGMENTS = frozenset({"v1", "docs", "docs-assets", "redoc", "openapi.json", "health", "ready", "metrics"})
+
+
+def wants_page(scope) -> bool:
+    """Whether an error is answered as a page of the review app: a browser's request (its Accept names
+    text/html) for a path outside the API's (an ASGI scope, or a Request's `.scope`)."""
+    accept = next((value for name, value in scope.get("headers", ()) if name == b"accept"), b"")
+    return b"text/html" in accept.lower() and scope.get("path", "/").split("/")[1] not in API_SEGMENTS
 
 
 def install(app: FastAPI) -> None:

@@ -70,6 +70,12 @@ def local(target: str | None, default: str = "/") -> str:
     return target
 
 
+# the router's own answers (no route of this path, or none of this method), in words
+HTTP_WORDS = {"Not Found": "there is no page at this address: check it, or go on from Identify or Individuals",
+              "Method Not Allowed": "this address does not take that kind of request (method not allowed): go back "
+                                    "and use the page's own links and forms"}
+
+
 def message_of(exc: Exception) -> tuple[int, str]:
     """The status and the words of an error, as the API would answer them."""
     if isinstance(exc, RequestError):
@@ -81,7 +87,7 @@ def message_of(exc: Exception) -> tuple[int, str]:
                  for e in exc.errors()]
         return 422, "invalid input: " + "; ".join(parts)
     if isinstance(exc, StarletteHTTPException):
-        return exc.status_code, str(exc.detail)
+        return exc.status_code, HTTP_WORDS.get(str(exc.detail), str(exc.detail))
     if isinstance(exc, DBAPIError):
         if disk_full(exc):
             return 507, "the disk of the database is full: nothing was written; free disk space and try again"
