@@ -57,9 +57,12 @@ def page(request: Request, name: str, who: Visitor | None, status: int = 200, **
 def redirect(request: Request, to: str, who: Visitor | None, message: str | None = None,
              kind: str = "ok") -> RedirectResponse:
     response = RedirectResponse(to, status_code=303)
+    waiting = None if message else read_flash(request)  # a redirect shows nothing: its message goes on
     keep_session(request, response, who)
     if message:
         flash(request, response, message, kind)
+    elif waiting:  # (a decision in a job's review queue, redirected on through /jobs/N/next)
+        flash(request, response, waiting["message"], waiting["kind"])
     return response
 
 
