@@ -38,7 +38,7 @@ log = logging.getLogger("wildreid.web")
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=HERE / "templates")
-PER_PAGE = 48
+PER_PAGE = 50
 SUGGESTIONS = 50  # merge suggestions shown per species
 Token = Annotated[str, PathParam(pattern=TOKEN_PATTERN, description="an encounter")]
 Index = Annotated[int, PathParam(ge=0, le=1000)]
