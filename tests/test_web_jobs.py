@@ -137,4 +137,4 @@ def test_a_job_form_with_nothing_chosen_says_so_in_words(page):
     submit(page, "button:has-text('Start the job')")
     assert page.url.endswith("/jobs")
     assert "choose photos (several, or one zip) or a folder of the server" in message(page)
-    assert page.locator(".message.error").count() == 1
+    assert page.locator(".message.error:visible").count() == 1
