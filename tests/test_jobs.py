@@ -18,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect
 
+from reid.species.camtrap import validate_package
 from reid.store import Store
 from reid.store.database import SCHEMA_VERSION
 from reid.store.jobs import JobQueue, review_count
@@ -25,6 +26,7 @@ from service.app import create_app
 from service.settings import Settings
 from service.testing import ServerProcess
 from service.web import encounters
+from tests.test_camtrap_dp import SCHEMAS
 from tests.test_service_store import postgres_base, postgres_url, schema_version, set_schema_version  # noqa: F401
 from tests.test_web_forms import csrf_of, signed_in
 
@@ -181,7 +183,8 @@ def start_job(client, csrf, files=None, **fields) -> int:
     return int(r.headers["location"].rsplit("/", 1)[1])
 
 
-def test_an_uploaded_zip_is_identified_in_the_background_and_reviewed_one_photo_at_a_time(writer, photo_folder):
+def test_an_uploaded_zip_is_identified_in_the_background_and_reviewed_one_photo_at_a_time(writer, photo_folder,
+                                                                                         tmp_path):
     client, csrf = writer
     service = client.app.state.service
     enrolled = sorted(photo_folder.glob("cam1/*.jpg"))[0]
@@ -231,6 +234,8 @@ def test_an_uploaded_zip_is_identified_in_the_background_and_reviewed_one_photo_
     assert set(results["camera"]) == {"cam1", "cam2"}
     package = zipfile.ZipFile(io.BytesIO(client.get(f"/jobs/{job_id}/camtrap-dp.zip").content))
     assert {"datapackage.json", "observations.csv", "media.csv", "deployments.csv"} <= set(package.namelist())
+    package.extractall(tmp_path / "package")
+    assert validate_package(tmp_path / "package", SCHEMAS) == []  # the Camtrap DP 1.0 profile and table schemas
     observations = pd.read_csv(package.open("observations.csv"), keep_default_na=False)
     assert (observations["individualID"] != "").sum() == (results["decision"] == "match").sum()
     assert not (Path(service.settings.store_dir) / "cache" / "escape.jpg").exists()
