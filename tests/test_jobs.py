@@ -232,10 +232,24 @@ def test_an_uploaded_zip_is_identified_in_the_background_and_reviewed_one_photo_
     assert set(results["verdict"]) <= {"confirmed", "new", "skipped"} and (results["verdict"] == "new").sum() == 1
     assert (results.loc[results["verdict"] != "skipped", "decision"] == "match").all()
     assert set(results["camera"]) == {"cam1", "cam2"}
-    package = zipfile.ZipFile(io.BytesIO(client.get(f"/jobs/{job_id}/camtrap-dp.zip").content))
+    deployments = pd.DataFrame({"deploymentID": ["cam1", "cam2"], "latitude": [-24.1, -24.2],
+                                "longitude": [31.5, 31.6]}).to_csv(index=False).encode()
+    job_html = client.get(f"/jobs/{job_id}").text
+    r = client.post(f"/jobs/{job_id}/camtrap-dp.zip", data={"csrf": csrf_of(job_html), "utc_offset": "+02:00"},
+                    files=[("deployments", ("deployments.csv", deployments, "text/csv"))])
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip", r.text
+    package = zipfile.ZipFile(io.BytesIO(r.content))
     assert {"datapackage.json", "observations.csv", "media.csv", "deployments.csv"} <= set(package.namelist())
     package.extractall(tmp_path / "package")
     assert validate_package(tmp_path / "package", SCHEMAS) == []  # the Camtrap DP 1.0 profile and table schemas
+    wrong = client.post(f"/jobs/{job_id}/camtrap-dp.zip", data={"csrf": csrf_of(job_html), "utc_offset": "2h"},
+                        headers={"referer": f"http://testserver/jobs/{job_id}"})
+    assert wrong.status_code == 303 and "write it as +HH:MM" in client.get(f"/jobs/{job_id}").text
+    one_camera = deployments.decode().splitlines()[:2]
+    wrong = client.post(f"/jobs/{job_id}/camtrap-dp.zip", data={"csrf": csrf_of(job_html)},
+                        headers={"referer": f"http://testserver/jobs/{job_id}"},
+                        files=[("deployments", ("mine.csv", "\n".join(one_camera).encode(), "text/csv"))])
+    assert wrong.status_code == 303 and "cam2" in (shown := client.get(f"/jobs/{job_id}").text) and "mine.csv" in shown
     observations = pd.read_csv(package.open("observations.csv"), keep_default_na=False)
     assert (observations["individualID"] != "").sum() == (results["decision"] == "match").sum()
     assert not (Path(service.settings.store_dir) / "cache" / "escape.jpg").exists()

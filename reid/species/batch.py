@@ -847,6 +847,7 @@ def add_identify_batch_parser(subparsers) -> dict:
 def build_run_options(args: argparse.Namespace) -> dict:
     """identify_batch's arguments from the parsed command line; ReidError for a bad combination."""
     from reid.errors import ReidError
+    from reid.species.camtrap import valid_utc_offset
     from reid.species.crops import CropSettings
     from reid.species.routing import Router
 
@@ -860,7 +861,7 @@ def build_run_options(args: argparse.Namespace) -> dict:
         router = Router.from_file(args.routes)
     if args.speciesnet and args.species and not args.checkpoint:
         raise ReidError("give one source of species: --speciesnet, --species-model or --species")
-    if args.utc_offset and not _valid_offset(args.utc_offset):
+    if args.utc_offset and not valid_utc_offset(args.utc_offset):
         raise ReidError(f"--utc-offset '{args.utc_offset}': write it as +HH:MM or -HH:MM, e.g. +02:00")
     camtrap_only = [name for name, value in (("--deployments", args.deployments), ("--contributor", args.contributor),
                                              ("--project-title", args.project_title)) if value]
@@ -894,11 +895,6 @@ def build_run_options(args: argparse.Namespace) -> dict:
                 progress=not args.no_progress, restart=args.restart, export=args.export, export_dir=args.export_dir,
                 utc_offset=args.utc_offset, deployments=args.deployments, contributors=contributors,
                 project_title=args.project_title, rerank=args.rerank)
-
-
-def _valid_offset(text: str) -> bool:
-    return text == "Z" or (len(text) == 6 and text[0] in "+-" and text[1:3].isdigit() and text[3] == ":"
-                           and text[4:].isdigit())
 
 
 def cmd_identify_batch(args: argparse.Namespace) -> None:

@@ -83,6 +83,12 @@ class WrittenPackage:
 
 
 # ------------------------------------------------------------------------------------ values
+def valid_utc_offset(text: str) -> bool:
+    """`Z`, or +HH:MM / -HH:MM: what Camtrap DP timestamps end with."""
+    return text == "Z" or (len(text) == 6 and text[0] in "+-" and text[1:3].isdigit() and text[3] == ":"
+                           and text[4:].isdigit())
+
+
 def timestamp(value: str, utc_offset: str | None) -> str:
     """An ISO 8601 local time with the UTC offset appended when known ("" stays "")."""
     if not value:

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from service.deps import ServiceDep
 from service.web import jobs, views
 from service.web.pages import WebRoute, page, redirect
-from service.web.session import ReaderDep, WriterDep
+from service.web.session import PostedDep, ReaderDep, WriterDep
 
 router = APIRouter(route_class=WebRoute, include_in_schema=False)
 JobId = Annotated[int, PathParam(ge=1, le=2**31 - 1, description="a batch job")]
@@ -75,8 +75,10 @@ async def job_results_csv(job_id: JobId, service: ServiceDep, who: ReaderDep) ->
                     headers={"Content-Disposition": f'attachment; filename="job-{job_id}-results.csv"'})
 
 
-@router.get("/jobs/{job_id}/camtrap-dp.zip")
-async def job_camtrap_dp(job_id: JobId, service: ServiceDep, who: ReaderDep) -> FileResponse:
-    path = await run_in_threadpool(jobs.camtrap_zip, service, job_id)
+@router.post("/jobs/{job_id}/camtrap-dp.zip")
+async def job_camtrap_dp(job_id: JobId, service: ServiceDep, who: PostedDep,
+                         utc_offset: Annotated[str, Form(max_length=10)] = "",
+                         deployments: Annotated[UploadFile | None, File()] = None) -> FileResponse:
+    path = await run_in_threadpool(jobs.camtrap_zip, service, job_id, utc_offset, deployments)
     return FileResponse(path, media_type="application/zip", filename=f"job-{job_id}-camtrap-dp.zip",
                         background=BackgroundTask(path.unlink, missing_ok=True))

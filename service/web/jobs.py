@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from reid.errors import InvalidInput, ReidError, RequestError
 from reid.species.batch import IMAGE_SUFFIXES, RESULT_COLUMNS, list_photos, photo_time
-from reid.species.camtrap import write_camtrap_dp
+from reid.species.camtrap import read_deployments, require_every_camera, valid_utc_offset, write_camtrap_dp
 from reid.store.jobs import QUEUED_DECISIONS, Claimed, JobQueue, review_count
 from service.core import Service
 from service.web import encounters
@@ -316,13 +316,33 @@ def _item_rows(service: Service, folder: Path, item: dict) -> list[dict]:
     return rows
 
 
-def camtrap_zip(service: Service, job_id: int) -> Path:
-    """The job's results as a Camtrap DP package, zipped (a temporary file the caller removes)."""
+def camtrap_zip(service: Service, job_id: int, utc_offset: str, deployments: UploadFile | None) -> Path:
+    """The job's results as a Camtrap DP package, zipped (a temporary file the caller removes). Camtrap DP
+    timestamps need the cameras' `utc_offset` (else the photos' EXIF one), and deployments their
+    coordinates: `deployments` is the user's CSV (deploymentID = camera folder, latitude, longitude)."""
+    utc_offset = utc_offset.strip() or None
+    if utc_offset is not None and not valid_utc_offset(utc_offset):
+        raise InvalidInput(f"UTC offset '{utc_offset}': write it as +HH:MM or -HH:MM, e.g. +02:00",
+                           code="invalid_utc_offset")
     results, folder = results_table(service, job_id)
     results = results[results["decision"] != "pending"]
+    if utc_offset is None:
+        offsets = {photo_time(folder / file)[2] for file in results["file"].unique() if (folder / file).is_file()}
+        utc_offset = offsets.pop() if len(offsets) == 1 else None
     scratch = Path(tempfile.mkdtemp(prefix="wildreid-camtrap-"))
     try:
-        package = write_camtrap_dp(scratch / "package", results, folder, identity=f"wildreid job {job_id}")
+        supplied = None
+        if deployments is not None and deployments.filename:
+            supplied = scratch / "deployments.csv"
+            with open(supplied, "wb") as sink:
+                shutil.copyfileobj(deployments.file, sink, 1 << 20)
+            try:
+                require_every_camera(read_deployments(supplied), set(results["camera"]), deployments.filename)
+            except ReidError as exc:  # its words name the command line's flag and the temporary copy
+                raise InvalidInput(str(exc).replace(f"--deployments '{supplied}'", f"'{deployments.filename}'"),
+                                   code="invalid_deployments") from None
+        package = write_camtrap_dp(scratch / "package", results, folder, utc_offset, deployments=supplied,
+                                   identity=f"wildreid job {job_id}")
         target = Path(tempfile.mkstemp(prefix=f"job-{job_id}-", suffix=".zip")[1])
         with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
             for path in package.paths:
