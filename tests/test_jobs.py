@@ -338,3 +338,18 @@ def test_a_job_goes_on_after_the_server_is_killed(tmp_path, tiny_checkpoint, syn
     items = queue.items(job_id)
     assert job["done"] == 120 and all(i["state"] == "done" and i["encounter"] for i in items)
     store.close()
+
+
+def test_a_jobs_encounters_outlive_the_week_other_encounters_are_kept(writer, photo_folder):
+    client, csrf = writer
+    service = client.app.state.service
+    job_id = start_job(client, csrf, files=[("images", ("one.jpg", sorted(photo_folder.rglob("*.jpg"))[0].read_bytes(),
+                                                        "image/jpeg"))])
+    wait_done(client, job_id)
+    (item,) = JobQueue(service.store).items(job_id)
+    root = encounters.encounters_dir(service)
+    later = time.time() + (encounters.KEEP_DAYS + 1) * 86400
+    plain = root / "an-old-encounter-of-the-identify-page"
+    plain.mkdir()
+    encounters.drop_old(root, later)
+    assert (root / item["encounter"] / "encounter.json").is_file() and not plain.exists()

@@ -5,7 +5,7 @@ service code as the API's enroll and add-sighting (and stored as a review).
 An encounter lives in STORE/cache/encounters/TOKEN: its photos as uploaded, each animal's crops and
 query embeddings, and encounter.json (the animals, their candidates and the verdicts so far). The
 photos are needed again when a verdict stores them; the embeddings let "more candidates" search again
-without the model. Encounters are dropped after `KEEP_DAYS`.
+without the model. Encounters are dropped after `KEEP_DAYS`, except those of batch jobs.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from service.web.thumbs import write_jpeg
 KEEP_DAYS = 7
 CROP_PX = 480
 TOKEN_PATTERN = r"^[A-Za-z0-9_-]{16,64}$"
+JOB_MARK = "job"  # a file in the folder of a batch job's encounter: kept as long as the job
 VERDICTS = {"confirm": "confirmed", "new": "new", "reject": "rejected", "skip": "skipped"}
 
 
@@ -82,8 +83,9 @@ def crop_file(service: Service, token: str, animal: int, view: int) -> Path:
 
 
 def drop_old(root: Path, now: float) -> None:
+    """Remove encounters older than KEEP_DAYS, but never a batch job's (its review queue leads to them)."""
     for folder in root.iterdir() if root.is_dir() else ():
-        if folder.is_dir() and now - folder.stat().st_mtime > KEEP_DAYS * 86400:
+        if folder.is_dir() and now - folder.stat().st_mtime > KEEP_DAYS * 86400 and not (folder / JOB_MARK).exists():
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -152,6 +154,8 @@ def _save(service: Service, encounter: dict, photos: list[bytes], crops: list[li
                 write_jpeg(image, staging / f"crop-{a}-{v}.jpg", quality=88)
         for a, vectors in queries.items():
             np.save(staging / f"query-{a}.npy", np.asarray(vectors, dtype=np.float32))
+        if encounter.get("origin"):
+            (staging / JOB_MARK).write_text(str(encounter["origin"]["job"]))
         write_json({**encounter, "token": token}, staging / "encounter.json")
         staging.rename(root / token)
     except BaseException:
