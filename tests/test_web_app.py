@@ -3,92 +3,35 @@
 key and a non-image upload get. WILDREID_SCREENSHOTS=1 saves a PNG of each page in docs/screenshots/."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from reid.store import Store
-from service.settings import Settings
-from service.testing import ServerProcess
-
-CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
-
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-if not CHROMIUM.exists():
-    pytest.skip("no browser: Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
+from tests.browser import chromium, enroll, keyed_server, message, photos_by_identity, shot, sign_in, submit, tab
 
 
 @pytest.fixture(scope="module")
 def photos(synth_csv) -> dict[str, list[Path]]:
-    table = pd.read_csv(synth_csv)
-    return {identity: [synth_csv.parent / p for p in group["path"]]
-            for identity, group in table.groupby("identity", sort=True)}
+    return photos_by_identity(synth_csv)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_checkpoint):
-    store = tmp_path_factory.mktemp("web-app-store")
-    key_store = Store(Settings(store_dir=store, checkpoint=tiny_checkpoint).url)
-    key = key_store.create_key("field-team")[1]
-    key_store.close()
-    with ServerProcess(store, tiny_checkpoint, log=store / "server.log") as running:
-        running.key = key
+    with keyed_server(tmp_path_factory.mktemp("web-app-store"), tiny_checkpoint) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                              args=["--no-sandbox", "--disable-gpu"])
-        yield chromium
-        chromium.close()
+    with chromium() as running:
+        yield running
 
 
 @pytest.fixture
 def page(browser, server):
-    context = browser.new_context(base_url=server.url, viewport={"width": 1200, "height": 900})
-    context.set_default_timeout(20_000)
-    tab = context.new_page()
-    yield tab
-    context.close()
-
-
-def shot(page, name: str) -> None:
-    if os.environ.get("WILDREID_SCREENSHOTS") == "1":
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
-
-
-def submit(page, selector: str) -> None:
-    """Click a form's button and wait for the page it leads to."""
-    with page.expect_navigation():
-        page.click(selector)
-
-
-def message(page) -> str:
-    return " ".join(page.locator(".message").all_inner_texts())
-
-
-def sign_in(page, key: str) -> None:
-    page.goto("/sign-in")
-    page.fill("#key", key)
-    submit(page, "button:has-text('Sign in')")
-    assert "Signed in as field-team" in message(page)
-
-
-def enroll(page, name: str, species: str, *files: Path) -> int:
-    page.goto("/individuals/new")
-    page.fill("#name", name)
-    page.fill("#species", species)
-    page.set_input_files("#images", [str(f) for f in files])
-    submit(page, "button:has-text('Enroll')")
-    assert f"Enrolled {name}" in message(page)
-    return int(page.url.rsplit("/", 1)[1])
+    with tab(browser, server.url) as opened:
+        yield opened
 
 
 def identify(page, species: str, *files: Path) -> None:

@@ -6,44 +6,27 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from reid.store import Store
-from service.settings import Settings
-from service.testing import ServerProcess
-# the browser helpers of the review app's tests (importing it skips this module too without playwright or chromium)
-from test_web_app import CHROMIUM, enroll, message, shot, sign_in, submit, sync_api
+from tests.browser import chromium, enroll, keyed_server, message, photos_by_identity, shot, sign_in, submit, tab
 
 
 @pytest.fixture(scope="module")
 def photos(synth_csv) -> list[list[Path]]:
-    table = pd.read_csv(synth_csv)
-    return [[synth_csv.parent / p for p in group["path"]] for _, group in table.groupby("identity", sort=True)]
+    return list(photos_by_identity(synth_csv).values())
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_checkpoint):
-    store = tmp_path_factory.mktemp("web-suggestions-store")
-    key_store = Store(Settings(store_dir=store, checkpoint=tiny_checkpoint).url)
-    key = key_store.create_key("field-team")[1]
-    key_store.close()
-    with ServerProcess(store, tiny_checkpoint, log=store / "server.log") as running:
-        running.key = key
+    with keyed_server(tmp_path_factory.mktemp("web-suggestions-store"), tiny_checkpoint) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
 def page(server):
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                             args=["--no-sandbox", "--disable-gpu"])
-        context = browser.new_context(base_url=server.url, viewport={"width": 1200, "height": 900})
-        context.set_default_timeout(20_000)
-        tab = context.new_page()
-        sign_in(tab, server.key)
-        yield tab
-        browser.close()
+    with chromium() as browser, tab(browser, server.url) as opened:
+        sign_in(opened, server.key)
+        yield opened
 
 
 def test_an_animal_enrolled_twice_is_suggested_and_merged(page, photos):
