@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from sqlalchemy import and_, case, func, insert, or_, select, update
 
 from reid.errors import Conflict, InvalidInput, NotFound
-from reid.store.database import Store, job_items, jobs, now_iso
+from reid.store.database import Store, job_items, jobs
 
 QUEUED_DECISIONS = ("uncertain", "new")  # what a person looks at, unless the job reviews every result
 MAX_JOB_PHOTOS = 100_000
@@ -108,11 +108,6 @@ class JobQueue:
                                                            where).order_by(job_items.c.position).limit(1)).first()
             return dict(row._mapping) if row else None
         return first(job_items.c.position > after_position) or first(job_items.c.position <= after_position)
-
-    def item_of_encounter(self, encounter: str) -> dict | None:
-        with self.store.read() as conn:
-            row = conn.execute(select(job_items).where(job_items.c.encounter == encounter)).first()
-        return dict(row._mapping) if row else None
 
     # ------------------------------------------------------------------ the runner's side
     def claim(self) -> Claimed | None:

@@ -91,9 +91,10 @@ def drop_old(root: Path, now: float) -> None:
 
 # ---------------------------------------------------------------------- identify
 async def identify_encounter(service: Service, files: list[UploadFile], species: str | None, lease: Lease,
-                             key_name: str | None, origin: dict | None = None) -> str:
-    """Identify the photos of one encounter as POST /v1/identify does; keep them as an encounter, return its token.
-    `origin` is the batch job photo it is (service/web/jobs.py), whose review queue its verdicts update."""
+                             key_name: str | None, origin: dict | None = None) -> dict:
+    """Identify the photos of one encounter as POST /v1/identify does; keep them as an encounter and return it
+    (as encounter.json holds it, its `token` included). `origin` is the batch job photo it is
+    (service/web/jobs.py), whose review queue its verdicts update."""
     files = [f for f in files if f.filename]  # a file input left empty sends one nameless, empty part
     if not files:
         raise InvalidInput("choose at least one photo of the encounter", code="no_images")
@@ -137,8 +138,9 @@ async def identify_encounter(service: Service, files: list[UploadFile], species:
 
 
 def _save(service: Service, encounter: dict, photos: list[bytes], crops: list[list[np.ndarray]],
-          queries: dict[int, np.ndarray]) -> str:
-    """Write an encounter's folder whole under a temporary name, then rename it into place."""
+          queries: dict[int, np.ndarray]) -> dict:
+    """Write an encounter's folder whole under a temporary name, then rename it into place; returns the
+    encounter with its token."""
     root = encounters_dir(service)
     root.mkdir(parents=True, exist_ok=True)
     drop_old(root, time.time())
@@ -156,12 +158,13 @@ def _save(service: Service, encounter: dict, photos: list[bytes], crops: list[li
             np.save(staging / f"query-{a}.npy", np.asarray(vectors, dtype=np.float32))
         if encounter.get("origin"):
             (staging / JOB_MARK).write_text(str(encounter["origin"]["job"]))
-        write_json({**encounter, "token": token}, staging / "encounter.json")
+        encounter = {**encounter, "token": token}
+        write_json(encounter, staging / "encounter.json")
         staging.rename(root / token)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return token
+    return encounter
 
 
 async def more_candidates(service: Service, token: str, index: int) -> int:
@@ -237,8 +240,9 @@ def parse_decision(text: str) -> tuple[str, int | None]:
 
 
 async def decide(service: Service, token: str, index: int, action: str, candidate_id: int | None, name: str,
-                 viewpoint: str, key_name: str, lease: Lease) -> str:
-    """Carry out a reviewer's verdict on one animal and store it as a review; returns what was done, in words.
+                 viewpoint: str, key_name: str, lease: Lease) -> tuple[str, dict]:
+    """Carry out a reviewer's verdict on one animal and store it as a review; returns what was done, in words,
+    and the encounter as it stands now.
 
     confirm: its photos become a sighting of the candidate (the API's add-sighting); new: they are enrolled as
     a new individual named `name` (the API's enroll); reject: the candidate is not it (the animal stays open);
@@ -293,7 +297,7 @@ async def decide(service: Service, token: str, index: int, action: str, candidat
         if encounter.get("origin"):
             await run_in_threadpool(JobQueue(service.store).set_to_review, encounter["origin"]["item"],
                                     still_to_review(encounter))
-        return message
+        return message, encounter
 
 
 def still_to_review(encounter: dict) -> int:

@@ -70,7 +70,7 @@ async def cancel_job_form(request: Request, job_id: JobId, service: ServiceDep, 
 
 @router.get("/jobs/{job_id}/results.csv")
 async def job_results_csv(job_id: JobId, service: ServiceDep, who: ReaderDep) -> Response:
-    table, _ = await run_in_threadpool(jobs.results_table, service, job_id)
+    table, _, _ = await run_in_threadpool(jobs.results_table, service, job_id)
     return Response(table.to_csv(index=False), media_type="text/csv",
                     headers={"Content-Disposition": f'attachment; filename="job-{job_id}-results.csv"'})
 

@@ -247,7 +247,7 @@ class JobRunner:
         try:
             data = await run_in_threadpool(path.read_bytes)
             upload = UploadFile(io.BytesIO(data), size=len(data), filename=path.name)
-            token = await encounters.identify_encounter(
+            encounter = await encounters.identify_encounter(
                 self.service, [upload], job.species, lease, job.key_name,
                 origin={"job": job.id, "item": item["id"], "position": item["position"],
                         "review_all": job.review_all})
@@ -257,39 +257,44 @@ class JobRunner:
             return
         finally:
             lease.close()
-        encounter = await run_in_threadpool(encounters.load, self.service, token)
         decisions = [animal["decision"] for animal in encounter["animals"]]
-        await run_in_threadpool(self.queue.item_done, item["id"], token, decisions,
+        await run_in_threadpool(self.queue.item_done, item["id"], encounter["token"], decisions,
                                 review_count(decisions, job.review_all))
 
 
 # ---------------------------------------------------------------------- results
-def results_table(service: Service, job_id: int) -> tuple[pd.DataFrame, Path]:
+def results_table(service: Service, job_id: int) -> tuple[pd.DataFrame, Path, str | None]:
     """The job's results, one row per animal (or per photo without one), in identify-batch's columns
-    plus the reviewers' verdicts; and the folder its photos are in."""
+    plus the reviewers' verdicts; the folder its photos are in; and the UTC offset their EXIF agrees on
+    (None when it names none, or several)."""
     queue = queue_of(service)
     job = queue.get(job_id)
     folder = Path(job["folder"])
-    rows, after = [], -1
+    rows, offsets, after = [], set(), -1
     while batch := queue.items(job_id, after):
         after = batch[-1]["position"]
         for item in batch:
-            rows += _item_rows(service, folder, item)
-    return pd.DataFrame(rows, columns=JOB_COLUMNS), folder
+            item_rows, offset = _item_rows(service, folder, item)
+            rows += item_rows
+            offsets.add(offset)
+    offsets.discard(None)
+    return pd.DataFrame(rows, columns=JOB_COLUMNS), folder, offsets.pop() if len(offsets) == 1 else None
 
 
-def _item_rows(service: Service, folder: Path, item: dict) -> list[dict]:
+def _item_rows(service: Service, folder: Path, item: dict) -> tuple[list[dict], str | None]:
+    """One photo's rows, and the UTC offset its EXIF names."""
     file = item["file"]
-    stamp, source, _ = photo_time(folder / file) if (folder / file).is_file() else ("", "", None)
+    stamp, source, offset = photo_time(folder / file) if (folder / file).is_file() else ("", "", None)
     base = {c: "" for c in JOB_COLUMNS} | {"file": file, "detection": -1, "camera": PurePosixPath(file).parent.as_posix()
                                            if "/" in file else folder.name, "datetime": stamp,
                                            "datetime_source": source, "encounter": file}
     if item["state"] != "done":
-        return [{**base, "decision": "failed" if item["state"] == "failed" else "pending", "note": item["error"] or ""}]
+        return [{**base, "decision": "failed" if item["state"] == "failed" else "pending",
+                 "note": item["error"] or ""}], offset
     encounter = encounters.load(service, item["encounter"])
     photo = encounter["photos"][0]
     if not encounter["animals"]:
-        return [{**base, "decision": photo["outcome"]}]
+        return [{**base, "decision": photo["outcome"]}], offset
     rows = []
     for animal in encounter["animals"]:
         view = animal["views"][0]
@@ -313,7 +318,7 @@ def _item_rows(service: Service, folder: Path, item: dict) -> list[dict]:
                      "matched_viewpoint": individual.get("viewpoint") or "" if individual else "",
                      "decision": decision, "model": animal["model"] or "", "note": note,
                      "verdict": verdict.get("verdict", ""), "reviewed_by": verdict.get("key_name") or ""})
-    return rows
+    return rows, offset
 
 
 def camtrap_zip(service: Service, job_id: int, utc_offset: str, deployments: UploadFile | None) -> Path:
@@ -324,11 +329,9 @@ def camtrap_zip(service: Service, job_id: int, utc_offset: str, deployments: Upl
     if utc_offset is not None and not valid_utc_offset(utc_offset):
         raise InvalidInput(f"UTC offset '{utc_offset}': write it as +HH:MM or -HH:MM, e.g. +02:00",
                            code="invalid_utc_offset")
-    results, folder = results_table(service, job_id)
+    results, folder, exif_offset = results_table(service, job_id)
     results = results[results["decision"] != "pending"]
-    if utc_offset is None:
-        offsets = {photo_time(folder / file)[2] for file in results["file"].unique() if (folder / file).is_file()}
-        utc_offset = offsets.pop() if len(offsets) == 1 else None
+    utc_offset = utc_offset or exif_offset
     scratch = Path(tempfile.mkdtemp(prefix="wildreid-camtrap-"))
     try:
         supplied = None

@@ -176,8 +176,8 @@ async def identify_page(request: Request, service: ServiceDep, who: ReaderDep) -
 async def identify_form(request: Request, service: ServiceDep, who: PostedDep, lease: LeaseDep,
                         images: Annotated[list[UploadFile], File()] = [],  # noqa: B006 - FastAPI copies defaults
                         species: Annotated[str, Form(max_length=100)] = "") -> Response:
-    token = await encounters.identify_encounter(service, images, species, lease, who.key_name)
-    return redirect(request, f"/encounters/{token}", who)
+    encounter = await encounters.identify_encounter(service, images, species, lease, who.key_name)
+    return redirect(request, f"/encounters/{encounter['token']}", who)
 
 
 @router.get("/encounters/{token}", response_class=HTMLResponse)
@@ -205,9 +205,8 @@ async def decide_form(request: Request, token: Token, index: Index, service: Ser
                       name: Annotated[str, Form(max_length=1000)] = "",
                       viewpoint: Annotated[str, Form(max_length=50)] = "") -> Response:
     action, candidate = encounters.parse_decision(decision)
-    message = await encounters.decide(service, token, index, action, candidate, name, viewpoint, who.key_name,
-                                      lease)
-    encounter = await run_in_threadpool(encounters.load, service, token)
+    message, encounter = await encounters.decide(service, token, index, action, candidate, name, viewpoint,
+                                                 who.key_name, lease)
     origin = encounter.get("origin")
     if origin and not encounters.still_to_review(encounter):  # a batch job's photo, done: on to the next one
         return redirect(request, f"/jobs/{origin['job']}/next?after={origin['position']}", who, message)
