@@ -116,6 +116,11 @@ class JobQueue:
         claimable = or_(jobs.c.state == "queued",
                         and_(jobs.c.state == "running", or_(jobs.c.heartbeat_at.is_(None),
                                                            jobs.c.heartbeat_at < now - self.stale_s)))
+        # looked for first in a read: every idle instance asks every job_poll_s, and a write transaction
+        # would take SQLite's one write lock from the enrollments each time
+        with self.store.read() as conn:
+            if conn.execute(select(jobs.c.id).where(claimable).limit(1)).first() is None:
+                return None
         with self.store.write_aside() as tx:
             row = tx.conn.execute(select(jobs).where(claimable).order_by(jobs.c.id).limit(1)
                                   .with_for_update(skip_locked=True)).first()

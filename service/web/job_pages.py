@@ -10,6 +10,7 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from reid.store.jobs import MAX_JOB_PHOTOS
 from service.deps import ServiceDep
 from service.web import jobs, views
 from service.web.pages import WebRoute, page, redirect
@@ -22,7 +23,8 @@ JobId = Annotated[int, PathParam(ge=1, le=2**31 - 1, description="a batch job")]
 @router.get("/jobs", response_class=HTMLResponse)
 async def jobs_page(request: Request, service: ServiceDep, who: ReaderDep) -> HTMLResponse:
     listed = await run_in_threadpool(jobs.queue_of(service).list)
-    return page(request, "jobs.html", who, jobs=listed, species=await run_in_threadpool(views.species_choices, service))
+    return page(request, "jobs.html", who, jobs=listed, max_photos=MAX_JOB_PHOTOS,
+                species=await run_in_threadpool(views.species_choices, service))
 
 
 @router.post("/jobs")
