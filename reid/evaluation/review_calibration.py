@@ -52,15 +52,10 @@ def open_store(store: str | Path, database_url: str | None = None):
     if database_url is None and not (store_dir / "wildreid.db").is_file():
         raise ReidError(f"no store at '{store}' (it has no wildreid.db): give the --store folder of `reid serve`, "
                         "where the review web app recorded the verdicts")
-    from sqlalchemy import select
-
-    from reid.store.database import meta
-
     opened = Store(database_url or f"sqlite:///{store_dir / 'wildreid.db'}", create=False)
     try:
-        with opened.read() as conn:
-            version = conn.execute(select(meta.c.schema_version).where(meta.c.id == 1)).scalar_one()
-        opened._refuse_newer(version)
+        version = opened.schema_version()
+        opened.refuse_newer(version)
         if version < REVIEWS_SCHEMA:  # any later schema has the reviews table: read as it is, never upgraded
             raise ReidError(f"the store '{store}' is of schema version {version}, from before reviews were recorded "
                             f"(schema {REVIEWS_SCHEMA}): it holds no verdicts; `reid serve` on it upgrades it")
@@ -71,17 +66,6 @@ def open_store(store: str | Path, database_url: str | None = None):
         opened.close()
         raise ReidError(f"cannot read the store '{store}': {exc}") from None
     return opened
-
-
-def reviewed_species(store) -> dict[str, int]:
-    """Species that have reviews, with how many each."""
-    from sqlalchemy import func, select
-
-    from reid.store.database import reviews
-
-    with store.read() as conn:
-        return {row[0]: int(row[1]) for row in conn.execute(
-            select(reviews.c.species, func.count()).group_by(reviews.c.species).order_by(reviews.c.species))}
 
 
 def all_reviews(store, species: str) -> list[dict]:
@@ -95,7 +79,7 @@ def all_reviews(store, species: str) -> list[dict]:
 def require_reviews(store, species: str, where: str) -> list[dict]:
     rows = all_reviews(store, species)
     if not rows:
-        present = reviewed_species(store)
+        present = store.reviewed_species()
         listed = (", ".join(f"{name} ({count})" for name, count in present.items()) if present
                   else "none: no verdicts were made in the review web app yet")
         raise ReidError(f"the store '{where}' has no reviews of species '{species}'; species with reviews: {listed}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from reid.errors import ReidError
-from reid.evaluation.review_calibration import all_reviews, open_store, reviewed_species
+from reid.evaluation.review_calibration import all_reviews, open_store
 
 COLUMNS = ("review_id", "at", "reviewer", "species", "encounter", "animal_index", "query_sha256", "query_path",
            "candidate_id", "candidate_name", "candidate_rank", "label", "individual_id", "score", "cosine",
@@ -27,20 +27,9 @@ LABELS = {"confirmed": "same", "rejected": "different", "new": "different"}
 
 def stored_paths(store, store_dir: Path, digests) -> dict[str, str]:
     """SHA-256 -> absolute path of a stored file of that photo (those the store holds and finds on disk)."""
-    from sqlalchemy import select
-
-    from reid.store.database import images
-
-    wanted, out = sorted(set(digests)), {}
-    for start in range(0, len(wanted), 500):
-        with store.read() as conn:
-            rows = conn.execute(select(images.c.sha256, images.c.path)
-                                .where(images.c.sha256.in_(wanted[start:start + 500])).order_by(images.c.id))
-            for sha256, relpath in rows:
-                path = store_dir / relpath
-                if sha256 not in out and path.is_file():
-                    out[sha256] = str(path)
-    return out
+    # files are content-addressed: every image of one photo names the same file
+    return {sha256: str(store_dir / relpath) for sha256, relpath in store.paths_of_photos(digests).items()
+            if (store_dir / relpath).is_file()}
 
 
 def review_pairs(rows: list[dict], names: dict[int, str], paths: dict[str, str]) -> pd.DataFrame:
@@ -74,7 +63,7 @@ def export_review_pairs(store: str | Path, out: str | Path, species: str | None 
     store_dir = Path(store).expanduser().absolute()
     opened = open_store(store, database_url)
     try:
-        present = reviewed_species(opened)
+        present = opened.reviewed_species()
         if species is not None and species not in present:
             listed = ", ".join(f"{name} ({count})" for name, count in present.items()) or "none"
             raise ReidError(f"the store '{store}' has no reviews of species '{species}'; species with reviews: "

@@ -384,7 +384,7 @@ class Store:
 
     def _upgrade(self, conn: Connection, version: int) -> None:
         """Bring a store of schema `version` up to SCHEMA_VERSION, in the transaction holding the meta row."""
-        self._refuse_newer(version)
+        self.refuse_newer(version)
         if version == SCHEMA_VERSION:
             return
         for step in range(version, SCHEMA_VERSION):
@@ -392,17 +392,20 @@ class Store:
         conn.execute(update(meta).where(meta.c.id == 1).values(schema_version=SCHEMA_VERSION))
         log.info("store '%s' upgraded from schema version %d to %d", _redact(self.url), version, SCHEMA_VERSION)
 
-    def _refuse_newer(self, version: int) -> None:
+    def refuse_newer(self, version: int) -> None:
         if version > SCHEMA_VERSION:
             raise ReidError(f"the database '{_redact(self.url)}' holds a store of schema version {version}, newer "
                             f"than this wildreid knows (up to {SCHEMA_VERSION}): upgrade wildreid to open it")
 
+    def schema_version(self) -> int:
+        with self.read() as conn:
+            return int(conn.execute(select(meta.c.schema_version).where(meta.c.id == 1)).scalar_one())
+
     def check_schema(self) -> None:
         """For a store opened without `create` (read as it is, never upgraded): a ReidError unless its
         schema is this code's."""
-        with self.read() as conn:
-            version = conn.execute(select(meta.c.schema_version).where(meta.c.id == 1)).scalar_one()
-        self._refuse_newer(version)
+        version = self.schema_version()
+        self.refuse_newer(version)
         if version < SCHEMA_VERSION:
             raise ReidError(f"the database '{_redact(self.url)}' holds a store of schema version {version}, older "
                             f"than this wildreid's ({SCHEMA_VERSION}): start `reid serve` on it once (or run `reid "
@@ -807,6 +810,23 @@ class Store:
         for row in out:
             row["query_sha256"] = json.loads(row["query_sha256"])
             row["image_ids"] = json.loads(row["image_ids"] or "[]")
+        return out
+
+    def reviewed_species(self) -> dict[str, int]:
+        """The species that have reviews, with how many each."""
+        with self.read() as conn:
+            return {row[0]: int(row[1]) for row in conn.execute(
+                select(reviews.c.species, func.count()).group_by(reviews.c.species).order_by(reviews.c.species))}
+
+    def paths_of_photos(self, digests) -> dict[str, str]:
+        """SHA-256 -> the store path (under the store folder) of the first stored image of that photo."""
+        wanted, out = sorted(set(digests)), {}
+        for start in range(0, len(wanted), 500):
+            with self.read() as conn:
+                for sha256, path in conn.execute(select(images.c.sha256, images.c.path)
+                                                 .where(images.c.sha256.in_(wanted[start:start + 500]))
+                                                 .order_by(images.c.id)):
+                    out.setdefault(sha256, path)
         return out
 
     # ------------------------------------------------------------------ model upkeep
