@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from reid.evaluation.evaluate import RerankOptions
-from reid.identify.duplicates import DuplicatePair, default_block_rows, duplicate_pairs, gallery_arrays
+from reid.identify.duplicates import DuplicatePair, default_block_rows, duplicate_pairs
 from reid.identify.gallery import Galleries, Layout
 from reid.store import GalleryRow, vector_to_blob
 
@@ -101,12 +101,12 @@ def test_the_arrays_of_a_gallery_are_copied_out_of_it(rerank):
     vectors = unit([1, 0], [0, 1], [1, 0.01])
     galleries.rebuild([GalleryRow(image_id, "zebra", owner, None, vector_to_blob(vector), "model-1", True)
                        for image_id, owner, vector in zip([5, 6, 7], [1, 1, 2], vectors)], seq=4)
-    arrays = gallery_arrays(galleries, "zebra")
+    arrays = galleries.arrays("zebra")
     assert arrays.seq == 4 and arrays.image_ids.tolist() == [5, 6, 7] and arrays.individual_ids.tolist() == [1, 1, 2]
     np.testing.assert_array_equal(arrays.vectors, vectors)
     arrays.vectors[:] = 0  # a copy: the gallery keeps its vectors
-    assert gallery_arrays(galleries, "zebra").vectors[0, 0] == 1
-    pairs = duplicate_pairs(gallery_arrays(galleries, "zebra").vectors, arrays.individual_ids, arrays.image_ids, 0.7)
+    assert galleries.arrays("zebra").vectors[0, 0] == 1
+    pairs = duplicate_pairs(galleries.arrays("zebra").vectors, arrays.individual_ids, arrays.image_ids, 0.7)
     assert [(p.individual_a, p.individual_b, p.image_a, p.image_b) for p in pairs] == [(1, 2, 5, 7)]
-    empty = gallery_arrays(galleries, "lion")
+    empty = galleries.arrays("lion")
     assert empty.vectors.shape == (0, 0) and empty.image_ids.size == 0

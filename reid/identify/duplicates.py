@@ -8,18 +8,14 @@ L2-normalised vectors, each image's id and individual), best first and at most `
 Memory stays bounded for large galleries: rows are taken a block at a time, one matrix product per
 block against the rows from the block's first on (each image pair is scored once), so at most
 `block_rows` x n cosines exist at once, never n x n. Once `top_n` pairs are known, the n-th best
-cosine becomes the floor below which nothing can enter. `gallery_arrays` copies a species' gallery
+cosine becomes the floor below which nothing can enter. `Galleries.arrays` copies a species' gallery
 out under the galleries' lock, so that the products run without holding it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from reid.identify.gallery import Galleries
 
 BLOCK_BYTES = 64 * 2**20  # the cosines of one block, at most (float32)
 
@@ -32,15 +28,6 @@ class DuplicatePair:
     cosine: float
     image_a: int
     image_b: int
-
-
-@dataclass(frozen=True)
-class GalleryArrays:
-    """A species' gallery as plain arrays, copied at the galleries' change sequence `seq`."""
-    seq: int
-    vectors: np.ndarray          # float32 (n, dim), L2-normalised
-    image_ids: np.ndarray        # int64 (n,)
-    individual_ids: np.ndarray   # int64 (n,)
 
 
 def default_block_rows(n: int, block_bytes: int = BLOCK_BYTES) -> int:
@@ -106,19 +93,3 @@ def _top(hits: tuple[np.ndarray, ...], top_n: int) -> tuple[np.ndarray, ...]:
     kept = order[first]
     ranked = kept[np.lexsort((hi[kept], lo[kept], -scores[kept]))][:top_n]
     return tuple(column[ranked] for column in hits)
-
-
-def gallery_arrays(galleries: "Galleries", species: str) -> GalleryArrays:
-    """A copy of a species' searchable images (vectors, image ids, individual ids) and the change sequence
-    they are of, taken under the galleries' lock (the one every search and sync holds), so that a
-    concurrent sync never shows half a change; empty when the species has no gallery."""
-    with galleries.lock:
-        gallery = galleries.by_species.get(species)
-        image_ids = list(gallery.owner) if gallery is not None else []
-        if not image_ids:
-            dim = gallery.layout.dim if gallery is not None else 0
-            return GalleryArrays(galleries.seq, np.zeros((0, dim), np.float32), np.zeros(0, np.int64),
-                                 np.zeros(0, np.int64))
-        owners = np.array([gallery.owner[i] for i in image_ids], dtype=np.int64)
-        vectors = np.array(gallery._vectors(image_ids), dtype=np.float32)  # a copy, whichever store holds them
-        return GalleryArrays(galleries.seq, vectors, np.array(image_ids, dtype=np.int64), owners)

@@ -303,6 +303,15 @@ class SpeciesGallery:
         return self.index.vectors([self.vector_of[i] for i in image_ids])
 
 
+@dataclass(frozen=True)
+class GalleryArrays:
+    """A species' gallery as plain arrays, copied at the galleries' change sequence `seq`."""
+    seq: int
+    vectors: np.ndarray          # float32 (n, dim), L2-normalised
+    image_ids: np.ndarray        # int64 (n,)
+    individual_ids: np.ndarray   # int64 (n,)
+
+
 @dataclass
 class QueuedQuery:
     """A search waiting for the galleries' lock, answered by whichever caller takes it first."""
@@ -448,6 +457,21 @@ class Galleries:
                     query.answer = answer
             for query in group:
                 query.done.set()
+
+    def arrays(self, species: str) -> GalleryArrays:
+        """A copy of a species' searchable images (vectors, image ids, individual ids) and the change sequence
+        they are of, taken under the lock every search and sync holds, so that a concurrent sync never shows
+        half a change and work on the copy does not hold the lock; empty when the species has no gallery."""
+        with self.lock:
+            gallery = self.by_species.get(species)
+            image_ids = list(gallery.owner) if gallery is not None else []
+            if not image_ids:
+                dim = gallery.layout.dim if gallery is not None else 0
+                return GalleryArrays(self.seq, np.zeros((0, dim), np.float32), np.zeros(0, np.int64),
+                                     np.zeros(0, np.int64))
+            owners = np.array([gallery.owner[i] for i in image_ids], dtype=np.int64)
+            vectors = np.array(gallery._vectors(image_ids), dtype=np.float32)  # a copy, whichever store holds them
+            return GalleryArrays(self.seq, vectors, np.array(image_ids, dtype=np.int64), owners)
 
     def sizes(self) -> dict[str, int]:
         with self.lock:

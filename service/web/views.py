@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from reid.errors import Conflict, InvalidInput, NotFound
 from reid.identify.animals import plan_viewpoints
 from reid.identify.decision import decide
-from reid.identify.duplicates import DuplicatePair, duplicate_pairs, gallery_arrays
+from reid.identify.duplicates import DuplicatePair, duplicate_pairs
 from reid.store import Review
 from service.budget import Lease
 from service.core import Service
@@ -83,7 +83,7 @@ def merge_suggestions(service: Service, species: str, top_n: int) -> dict:
         threshold = model.thresholds["match_threshold"]
         dismissed = _dismissed_pairs(service, name)
         section.update(threshold=threshold, source=model.threshold_source, dismissed=len(dismissed))
-        arrays = gallery_arrays(service.galleries, name)
+        arrays = service.galleries.arrays(name)
         pairs = [p for p in duplicate_pairs(arrays.vectors, arrays.individual_ids, arrays.image_ids, threshold,
                                             top_n + len(dismissed))
                  if (p.individual_a, p.individual_b) not in dismissed][:top_n]
@@ -130,7 +130,7 @@ def _species(species: str) -> str | None:
 def _best_pair(service: Service, species: str, a: int, b: int) -> DuplicatePair:
     """The best-matching photos of two individuals of a species' gallery (their cosine, whatever the threshold)."""
     service.galleries.sync()
-    arrays = gallery_arrays(service.galleries, species)
+    arrays = service.galleries.arrays(species)
     rows = (arrays.individual_ids == a) | (arrays.individual_ids == b)
     for individual in (a, b):
         if not (arrays.individual_ids == individual).any():
