@@ -27,7 +27,9 @@ def read_image(path: str, longest_side: int | None = None, draft_size: int | Non
             if longest_side or draft_size:
                 side = longest_side or draft_size
                 image.draft("RGB", (side, side))
-            image = ImageOps.exif_transpose(image).convert("RGB")
+            ImageOps.exif_transpose(image, in_place=True)  # in place: a copy of every upright photo costs
+            if image.mode != "RGB":  # a quarter of its decoding, and so would converting an RGB one
+                image = image.convert("RGB")
             if longest_side and max(image.size) > longest_side:
                 image.thumbnail((longest_side, longest_side), Image.Resampling.BILINEAR)
             return np.asarray(image)
