@@ -39,8 +39,11 @@ from reid.export.onnx import export_onnx  # noqa: E402
 
 
 def bare_images_per_s(embedder: Embedder, n: int) -> float:
-    size = embedder.image_size
-    batch = torch.randn(embedder.batch_size, 3, size, size)
+    """The model's throughput on a ready batch of what it takes: normalised floats for PyTorch, the
+    uint8 pixels for an ONNX export, which normalises them in its graph."""
+    shape = (embedder.batch_size, 3, embedder.image_size, embedder.image_size)
+    normalizes = getattr(embedder.model, "normalizes_input", False)
+    batch = torch.randint(0, 256, shape, dtype=torch.uint8) if normalizes else torch.randn(shape)
     embed_batch(embedder.model, batch, embedder.device, embedder.tta)  # warm-up
     started = time.perf_counter()
     done = 0

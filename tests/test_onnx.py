@@ -7,9 +7,10 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
-from reid.checkpoint import load_checkpoint, save_checkpoint, save_untrained
+from reid.checkpoint import inference_model, load_checkpoint, load_inference, save_checkpoint, save_untrained
 from reid.cli import main
 from reid.data.dataset import read_image
 from reid.data.table import load_table
@@ -74,7 +75,7 @@ def test_onnx_runtime_embeds_the_crops_as_pytorch_does(tmp_path, synth_csv, back
 def test_the_export_carries_the_checkpoints_record_and_fingerprint(calibrated):
     checkpoint, exported = calibrated
     props = {p.key: p.value for p in onnx.load(str(exported)).metadata_props}
-    assert props["kind"] == f'"{ONNX_KIND}"' and props["format"] == "1"
+    assert props["kind"] == f'"{ONNX_KIND}"' and props["format"] == "2"
     state = load_checkpoint(checkpoint)
     _, record = load_onnx(exported)
     for key in ("config", "preprocessing", "calibration", "postprocessing", "whitening", "identities", "class_mode"):
@@ -99,6 +100,28 @@ def test_an_embedding_cache_of_the_checkpoint_goes_on_with_its_export(tmp_path, 
     assert np.array_equal(both[:8], first)  # kept, not embedded again: the same model
     fresh = Embedder.from_checkpoint(checkpoint).embed_paths(table["path"].iloc[8:12].tolist())
     assert cosines(both[8:], fresh).min() >= PARITY_MIN_COSINE
+
+
+def test_the_graph_normalises_uint8_pixels_and_a_format_1_export_of_floats_is_still_read(tmp_path, calibrated,
+                                                                                          synth_csv):
+    checkpoint, exported = calibrated
+    state = load_inference(checkpoint)
+    size = state["preprocessing"]["image_size"]
+    # what format 1 wrote: the bare model, on the normalised float batch
+    graph = onnx.load_from_string(onnx_export._trace(inference_model(state).eval(), torch.randn(2, 3, size, size),
+                                                     onnx_export.DEFAULT_OPSET, checkpoint))
+    props = {p.key: p.value for p in onnx.load(str(exported)).metadata_props}
+    onnx.helper.set_model_props(graph, {**props, "format": "1"})
+    onnx.save(graph, str(tmp_path / "format1.onnx"))
+    old, new = Embedder.from_checkpoint(tmp_path / "format1.onnx"), Embedder.from_checkpoint(exported)
+    assert new.model.session.get_inputs()[0].type == "tensor(uint8)" and new.model.normalizes_input
+    assert old.model.session.get_inputs()[0].type == "tensor(float)" and not old.model.normalizes_input
+    paths = load_table(synth_csv)["path"].iloc[:6].tolist()
+    reference = Embedder.from_checkpoint(checkpoint).embed_paths(paths)
+    for runtime in (old, new):
+        assert cosines(runtime.embed_paths(paths), reference).min() >= PARITY_MIN_COSINE
+    with pytest.raises(ValueError, match="takes uint8 pixels"):
+        new.model(torch.zeros(1, 3, size, size))
 
 
 def test_an_export_that_disagrees_with_pytorch_is_not_written(tmp_path, calibrated, monkeypatch):

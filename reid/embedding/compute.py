@@ -18,18 +18,27 @@ T = TypeVar("T")
 PixelStats = tuple[Sequence[float], Sequence[float]]  # the (mean, std) of 0..1 pixels a model was trained on
 
 
+def normalize_pixels(images: torch.Tensor, pixels: PixelStats) -> torch.Tensor:
+    """A uint8 RGB batch (N, 3, H, W) as float32 normalised with `pixels`, in place on its float copy.
+    The ONNX export (reid/export/onnx.py) traces this very function into its graph."""
+    mean, std = (torch.tensor([255.0 * v for v in stats], device=images.device).view(1, -1, 1, 1)
+                 for stats in pixels)
+    return images.float().sub_(mean).div_(std)
+
+
 def model_input(images: torch.Tensor, device: torch.device, pixels: PixelStats | None = None,
-                memory_format: torch.memory_format = torch.channels_last) -> torch.Tensor:
-    """A batch as the model takes it: on `device`, in `memory_format`, float32. A uint8 batch (the
-    embedder's transform stops before normalising: a quarter of the bytes to collate and move) is
-    normalised here with `pixels`, in place on its float copy."""
+                memory_format: torch.memory_format = torch.channels_last,
+                model_normalizes: bool = False) -> torch.Tensor:
+    """A batch as the model takes it: on `device`, in `memory_format`. A uint8 batch (the embedder's
+    transform stops before normalising: a quarter of the bytes to collate, move and flip) is
+    normalised here with `pixels`, unless the model normalises its input itself (`model_normalizes`,
+    an ONNX export, whose graph does it on ONNX Runtime's threads)."""
     images = images.to(device, non_blocking=True, memory_format=memory_format)
-    if images.dtype != torch.uint8:
+    if images.dtype != torch.uint8 or model_normalizes:
         return images
     if pixels is None:
         raise ValueError("a uint8 image batch needs the model's pixel mean and std to be normalised")
-    mean, std = (torch.tensor([255.0 * v for v in stats], device=device).view(1, -1, 1, 1) for stats in pixels)
-    return images.float().sub_(mean).div_(std)
+    return normalize_pixels(images, pixels)
 
 
 def loader_workers(device: torch.device, configured: int) -> int:
@@ -92,9 +101,11 @@ def embed_batch(model: torch.nn.Module, images: torch.Tensor, device: torch.devi
                 normalize: bool = True, pixels: PixelStats | None = None) -> torch.Tensor:
     """L2-normalised embeddings of one batch: the mean of its TTA views, normalised again (with
     `normalize` off: the model's outputs as they are, e.g. pooled features a neck is fitted to).
-    A uint8 batch is normalised with `pixels` first (`model_input`), in the memory format the model
-    declares as `input_memory_format` (channels-last, which suits PyTorch's CPU convolutions, if none)."""
-    images = model_input(images, device, pixels, getattr(model, "input_memory_format", torch.channels_last))
+    A uint8 batch is normalised with `pixels` first (`model_input`) unless the model declares
+    `normalizes_input`, in the memory format the model declares as `input_memory_format`
+    (channels-last, which suits PyTorch's CPU convolutions, if none)."""
+    images = model_input(images, device, pixels, getattr(model, "input_memory_format", torch.channels_last),
+                         getattr(model, "normalizes_input", False))
     total = None
     with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
         for view in views(images, tta):

@@ -1,8 +1,9 @@
 """ONNX Runtime in the place of the PyTorch model: an `Embedder` over an exported model (`reid export`).
 
-`OnnxModel` is a module like `ReIDModel` (normalised image batch in, L2-normalised embeddings
-out), so the ONNX path runs the very code of the PyTorch one around it: the same transform, the same
-DataLoader, the same flip views averaged by `embed_batch`. Only the forward pass differs.
+`OnnxModel` is a module like `ReIDModel` (image batch in, L2-normalised embeddings out), so the
+ONNX path runs the very code of the PyTorch one around it: the same transform, the same DataLoader,
+the same flip views averaged by `embed_batch`. Only the forward pass differs, and where the pixels
+are normalised: inside the graph of a format-2 export, which takes the uint8 batch.
 """
 from __future__ import annotations
 
@@ -36,10 +37,15 @@ class OnnxModel(nn.Module):
         super().__init__()
         self.session, self.path = session, Path(path)
         self.embedding_dim = int(session.get_outputs()[0].shape[1])
+        # a format-2 export normalises its uint8 input in the graph; format 1 takes normalised floats
+        self.normalizes_input = session.get_inputs()[0].type == "tensor(uint8)"
+        self.input_dtype = np.uint8 if self.normalizes_input else np.float32
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.normalizes_input and images.dtype != torch.uint8:
+            raise ValueError(f"'{self.path}' takes uint8 pixels, not a {images.dtype} batch")
         # a no-op for `embed_batch`'s NCHW views; other callers may hand channels-last batches
-        array = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
+        array = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=self.input_dtype)
         return torch.from_numpy(self.session.run(None, {INPUT_NAME: array})[0])
 
 

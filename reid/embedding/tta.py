@@ -1,6 +1,6 @@
 """Test-time augmentation by flips: each image is embedded in several mirrored views, averaged.
 
-Flips are applied to the normalised batch tensor, so a view costs one forward pass and no decoding.
+Flips are applied to the batch tensor as the model takes it, so a view costs one forward pass and no decoding.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """`reid export --format onnx`: a checkpoint's model as an ONNX graph that ONNX Runtime serves.
 
-The graph is the model exactly as `Embedder` runs it per view (normalised float batch in,
-L2-normalised embeddings out, any batch size); the metadata is the checkpoint's record
-(reid/export/onnx_format.py). The export is written only once ONNX Runtime's vectors of random
+The graph is the model exactly as `Embedder` runs it per view, behind the normalisation of its
+pixels (uint8 RGB batch in, L2-normalised embeddings out, any batch size): ONNX Runtime normalises
+on its own threads, and another tool needs no mean and std to feed it. The metadata is the
+checkpoint's record (reid/export/onnx_format.py). The export is written only once ONNX Runtime's vectors of random
 batches match PyTorch's to `PARITY_MIN_COSINE`, at batch sizes other than the one traced, since a
 trace silently freezes any shape-dependent Python code.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from reid.checkpoint import inference_model, load_inference
+from reid.embedding.compute import PixelStats, normalize_pixels
 from reid.errors import ReidError
 from reid.export.onnx_format import INPUT_NAME, OUTPUT_NAME, PARITY_MIN_COSINE, onnx_metadata
 
@@ -43,15 +45,17 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OP
 
     state = load_inference(checkpoint)
     model = inference_model(state)
-    size = int(state["preprocessing"]["image_size"])
+    pre = state["preprocessing"]
+    size = int(pre["image_size"])
     generator = torch.Generator().manual_seed(seed)
 
     def batch(n: int) -> torch.Tensor:
-        return torch.randn(n, 3, size, size, generator=generator)
+        return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
 
-    graph = onnx.load_from_string(_trace(model, batch(TRACE_BATCH), opset, checkpoint))
+    pixels = (pre["mean"], pre["std"])
+    graph = onnx.load_from_string(_trace(PixelInput(model, pixels).eval(), batch(TRACE_BATCH), opset, checkpoint))
     session = onnx_session(graph.SerializeToString())
-    parity = min(_min_cosine(model, session, batch(n)) for n in CHECK_BATCHES)
+    parity = min(_min_cosine(model, pixels, session, batch(n)) for n in CHECK_BATCHES)
     if parity < PARITY_MIN_COSINE:
         raise ReidError(f"the ONNX export of '{checkpoint}' embeds differently from PyTorch (cosine {parity:.6f} < "
                         f"{PARITY_MIN_COSINE}); nothing was written: serve the checkpoint itself")
@@ -65,6 +69,18 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OP
     with atomic_path(out) as tmp:
         onnx.save(graph, tmp)
     return OnnxExport(Path(out), fingerprint, parity, model.embedding_dim, size)
+
+
+class PixelInput(torch.nn.Module):
+    """`model` taking the uint8 RGB batch the embedder's transform makes, normalised with `pixels`
+    by the embedder's own function: what the export traces."""
+
+    def __init__(self, model: torch.nn.Module, pixels: PixelStats):
+        super().__init__()
+        self.model, self.pixels = model, pixels
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(normalize_pixels(images, self.pixels))
 
 
 def _trace(model: torch.nn.Module, example: torch.Tensor, opset: int, checkpoint) -> bytes:
@@ -89,8 +105,8 @@ def _trace(model: torch.nn.Module, example: torch.Tensor, opset: int, checkpoint
 
 
 @torch.no_grad()
-def _min_cosine(model: torch.nn.Module, session, images: torch.Tensor) -> float:
-    """The lowest cosine between ONNX Runtime's and PyTorch's embedding of the same image."""
-    reference = model(images)
+def _min_cosine(model: torch.nn.Module, pixels: PixelStats, session, images: torch.Tensor) -> float:
+    """The lowest cosine between ONNX Runtime's and PyTorch's embedding of the same uint8 image."""
+    reference = model(normalize_pixels(images, pixels))
     exported = torch.from_numpy(session.run(None, {INPUT_NAME: images.numpy()})[0])
     return float((reference * exported).sum(dim=1).min())

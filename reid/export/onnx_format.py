@@ -1,8 +1,9 @@
 """What a wildreid ONNX model records besides its graph, in one place: `reid export` writes it, the
 ONNX Runtime backend (reid/embedding/onnx_runtime.py) reads it.
 
-The graph maps the normalised float32 image batch (N, 3, S, S), exactly what `Embedder` feeds its
-PyTorch model, to the L2-normalised embeddings (N, D) of one view. Everything else a checkpoint
+The graph maps the uint8 RGB image batch (N, 3, S, S), letterboxed as `Embedder`'s transform makes
+it, to the L2-normalised embeddings (N, D) of one view; it normalises the pixels itself (format 2;
+format 1 took the normalised float32 batch, and is still read). Everything else a checkpoint
 says about its vectors is in the model's `metadata_props`, one JSON value per key: the config, the
 preprocessing, the calibration and post-processing of `reid calibrate` (flip TTA among them: the
 runtime embeds the flipped views itself, with the code that serves checkpoints), the whitening
@@ -26,7 +27,7 @@ from reid.errors import ReidError
 from reid.io import to_json
 
 ONNX_KIND = "wildreid-reid-onnx"
-ONNX_FORMAT = 1  # raised when a reader of an older wildreid could misread the model
+ONNX_FORMAT = 2  # raised when a reader of an older wildreid could misread the model (2: uint8 input)
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 # cosine between ONNX Runtime's and PyTorch's embedding of the same image, at the least
 PARITY_MIN_COSINE = 0.9999
