@@ -3,9 +3,9 @@
 The graph is the model exactly as `Embedder` runs it per view, behind the normalisation of its
 pixels (uint8 RGB batch in, L2-normalised embeddings out, any batch size): ONNX Runtime normalises
 on its own threads, and another tool needs no mean and std to feed it. The metadata is the
-checkpoint's record (reid/export/onnx_format.py). The export is written only once ONNX Runtime's vectors of random
-batches match PyTorch's to `PARITY_MIN_COSINE`, at batch sizes other than the one traced, since a
-trace silently freezes any shape-dependent Python code.
+checkpoint's record (reid/export/onnx_format.py). The export is written only once ONNX Runtime's
+vectors of random batches match PyTorch's to `PARITY_MIN_COSINE`, at batch sizes other than the
+one traced, since a trace silently freezes any shape-dependent Python code.
 """
 from __future__ import annotations
 
