@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
         "hflip": "auto",          # auto: off when a viewpoint column tells flanks apart
         "cache_images": False,    # keep decoded, resized images in RAM (small datasets)
         "num_workers": 2,
+        "augment_p": 1.0,         # share of training images augmented at all (the rest only letterboxed)
         "crop_scale": 1.0,        # < 1: random resized crops keeping at least this share of the area
         "grayscale_p": 0.0,       # probability of a grayscale training image
         "erasing_p": 0.3,         # probability of erasing one or two random patches

@@ -1,3 +1,4 @@
+import albumentations as A
 import numpy as np
 import pandas as pd
 import pytest
@@ -6,7 +7,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from reid.data.dataset import ReIDDataset, read_image
-from reid.data.transforms import build_transforms, use_hflip
+from reid.data.transforms import Augmentation, build_transforms, seed_transform, use_hflip
 from reid.errors import ConfigError, DataError
 
 
@@ -39,6 +40,39 @@ def test_seeded_items_ignore_what_was_loaded_before(dataset):
     for item in [(0, 1), 1, (2, 5)]:
         dataset[item]
     assert torch.equal(a, dataset[(2, 77)][0])
+
+
+def test_a_seed_decides_each_augmentation_step_on_its_own_draw():
+    """With one generator of the same seed per step (albumentations' set_random_seed), every step's
+    `u < p` came from one number: steps of equal p applied together or not at all."""
+    steps = [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
+    pipeline = A.Compose(steps)
+    image = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
+    agree = 0
+    for seed in range(400):
+        seed_transform(pipeline, seed)
+        out = pipeline(image=image)["image"]
+        both = np.array_equal(out, image[::-1, ::-1])
+        flipped_h, flipped_v = both or np.array_equal(out, image[:, ::-1]), both or np.array_equal(out, image[::-1])
+        agree += flipped_h == flipped_v
+        seed_transform(pipeline, seed)
+        assert np.array_equal(pipeline(image=image)["image"], out)  # a seed gives the same photo again
+    assert 160 < agree < 240  # independent: each pair of decisions agrees about half the time, not always
+
+
+def test_augment_p_is_the_share_of_training_photos_varied_at_all():
+    image = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    plain = build_transforms(32, (0.5,) * 3, (0.5,) * 3, train=False, hflip=False, normalize=False)(image=image)
+    for augment_p, low, high in ((0.0, 1.0, 1.0), (0.8, 0.15, 0.3), (1.0, 0.0, 0.1)):
+        pipeline = build_transforms(32, (0.5,) * 3, (0.5,) * 3, train=True, hflip=False, normalize=False,
+                                    augmentation=Augmentation(augment_p=augment_p))
+        untouched = 0
+        for seed in range(300):
+            seed_transform(pipeline, seed)
+            untouched += torch.equal(pipeline(image=image)["image"], plain["image"])
+        assert low <= untouched / 300 <= high, augment_p
+    with pytest.raises(ConfigError, match="augment_p"):
+        Augmentation(augment_p=1.5).check()
 
 
 def test_worker_processes_give_the_same_batches(dataset):

@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from reid.data.table import DECODE_ERRORS
+from reid.data.transforms import seed_transform
 from reid.errors import DataError
 
 
@@ -71,6 +72,6 @@ class ReIDDataset(Dataset):
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
         index, seed = item if isinstance(item, tuple) else (item, None)
         if seed is not None:
-            self.transform.set_random_seed(int(seed))
+            seed_transform(self.transform, int(seed))
         image = self.transform(image=self._image(index))["image"]
         return image, int(self.labels[index]), int(index)
