@@ -92,8 +92,8 @@ def seed_transform(pipeline: A.BaseCompose, seed: int) -> None:
     all its steps draw from in turn. Albumentations' own `set_random_seed` gives every step a
     generator of that same seed, so each step's first draw is the same number: whether a step
     applies (`u < p`) was decided by one shared `u`, and a photo that skipped the affine warp skipped
-    the colour jitter and every rarer step too. Two generators instead of two a step also cost a
-    quarter of the augmentation's time less at 80 px."""
+    the colour jitter and every rarer step too. Building two generators a step also took a quarter
+    of an 80 px photo's augmentation."""
     numpy_random, python_random = np.random.default_rng(seed), random.Random(seed)
     steps = [pipeline]
     while steps:
