@@ -47,9 +47,9 @@ class Augmentation:
         return cls(**{f.name: float(data_cfg[f.name]) for f in fields(cls)})
 
     def check(self) -> None:
-        for name, low, high in (("augment_p", 0.0, 1.0), ("crop_scale", 0.05, 1.0), ("grayscale_p", 0.0, 1.0), ("erasing_p", 0.0, 1.0),
-                                ("rotate_deg", 0.0, 180.0), ("scale_min", 0.1, 1.0), ("scale_max", 1.0, 4.0),
-                                ("jitter", 0.0, 1.0)):
+        for name, low, high in (("augment_p", 0.0, 1.0), ("crop_scale", 0.05, 1.0), ("grayscale_p", 0.0, 1.0),
+                                ("erasing_p", 0.0, 1.0), ("rotate_deg", 0.0, 180.0), ("scale_min", 0.1, 1.0),
+                                ("scale_max", 1.0, 4.0), ("jitter", 0.0, 1.0)):
             value = getattr(self, name)
             if not low <= value <= high:
                 raise ConfigError(f"data.{name} is {value}; it must lie in [{low}, {high}]")

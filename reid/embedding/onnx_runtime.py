@@ -39,13 +39,13 @@ class OnnxModel(nn.Module):
         self.embedding_dim = int(session.get_outputs()[0].shape[1])
         # a format-2 export normalises its uint8 input in the graph; format 1 takes normalised floats
         self.normalizes_input = session.get_inputs()[0].type == "tensor(uint8)"
-        self.input_dtype = np.uint8 if self.normalizes_input else np.float32
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.normalizes_input and images.dtype != torch.uint8:
             raise ValueError(f"'{self.path}' takes uint8 pixels, not a {images.dtype} batch")
         # a no-op for `embed_batch`'s NCHW views; other callers may hand channels-last batches
-        array = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=self.input_dtype)
+        array = np.ascontiguousarray(images.detach().cpu().numpy(),
+                                     dtype=np.uint8 if self.normalizes_input else np.float32)
         return torch.from_numpy(self.session.run(None, {INPUT_NAME: array})[0])
 
 
