@@ -228,7 +228,8 @@ def _rerank_options(args: argparse.Namespace, embedder):
 def _embedder(args: argparse.Namespace):
     from reid.embedding import Embedder
 
-    embedder = Embedder.from_checkpoint(args.checkpoint, tta=args.tta, batch_size=args.batch_size)
+    # embed, evaluate and the pair scores go through many photos: an ONNX export runs a batch a core
+    embedder = Embedder.from_checkpoint(args.checkpoint, tta=args.tta, batch_size=args.batch_size, side_by_side=True)
     if args.tta is None and embedder.postprocessing:
         print(f"TTA: {embedder.tta} (chosen by `reid calibrate`; --tta to override)")
     return embedder

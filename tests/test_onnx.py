@@ -131,6 +131,59 @@ def test_an_export_that_disagrees_with_pytorch_is_not_written(tmp_path, calibrat
     assert list(tmp_path.iterdir()) == []
 
 
+# ------------------------------------------------------------------------------------ side by side
+def test_streams_share_the_threads_and_embed_as_one_batch_on_every_core_does(calibrated, synth_csv):
+    _, exported = calibrated
+    model, _ = load_onnx(exported, threads=4, streams=8)
+    assert model.streams == 4  # never more streams than threads: each runs on at least one
+    assert model.session.get_session_options().intra_op_num_threads == 1
+    paths = load_table(synth_csv)["path"].tolist()
+    whole = Embedder.from_checkpoint(exported, batch_size=10)
+    # 48 photos in batches of at most 5 a stream: ten batches of 4 or 5, nothing idles at the end
+    streamed = Embedder.from_record(model, load_onnx(exported)[1], whole.fingerprint, None, 10, 0,
+                                    torch.device("cpu"))
+    for subset in (paths, paths[:1], paths[:7], []):
+        reference, side_by_side = whole.embed_paths(subset), streamed.embed_paths(subset)
+        assert side_by_side.shape == reference.shape == (len(subset), whole.embedding_dim)
+        np.testing.assert_allclose(side_by_side, reference, atol=1e-6)  # in order, every photo once
+    sizes = [len(batch) for batch in streamed.iter_paths(paths)]
+    assert sum(sizes) == 48 and len(sizes) % 4 == 0 and max(sizes) - min(sizes) <= 1
+
+
+def test_streams_raise_a_bad_photo_in_turn_and_stop_with_their_consumer(tmp_path, calibrated, synth_csv):
+    from reid.embedding.compute import iter_embeddings
+    from reid.errors import DataError
+
+    _, exported = calibrated
+    embedder = Embedder.from_checkpoint(exported, batch_size=4, side_by_side=True)
+    embedder.model.streams = 2  # whatever this machine's thread count, two streams take turns
+    paths = load_table(synth_csv)["path"].tolist()
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="broken.jpg"):
+        embedder.embed_paths(paths[:9] + [str(broken)] + paths[9:20])
+
+    read = []
+
+    class Counted(torch.utils.data.Dataset):
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def __len__(self):
+            return len(self.dataset)
+
+        def __getitem__(self, i):
+            read.append(i)
+            return self.dataset[i]
+
+    batches = iter_embeddings(embedder.model, Counted(embedder._dataset(paths)), 4, torch.device("cpu"),
+                              pixels=embedder.pixels)
+    assert len(next(batches)) == 2  # a stream's share of the batch of 4
+    batches.close()
+    # the first batch and the four queued behind it at most (those not started are cancelled): not all 48
+    assert len(read) <= 5 * 2
+
+
 # ------------------------------------------------------------------------------------ command line
 def test_export_command_and_a_clear_error_for_a_damaged_or_foreign_onnx(tmp_path, calibrated, synth_csv, capsys):
     checkpoint, _ = calibrated

@@ -1,15 +1,18 @@
-"""Embedding images with a model: batches from a DataLoader, flip views averaged."""
+"""Embedding images with a model: batches decoded while the model runs, flip views averaged."""
 from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from reid.embedding.tta import TTA_VIEWS, views
@@ -117,15 +120,21 @@ def embed_batch(model: torch.nn.Module, images: torch.Tensor, device: torch.devi
 def iter_embeddings(model: torch.nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
                     num_workers: int = 0, tta: str = "none", normalize: bool = True,
                     pixels: PixelStats | None = None) -> Iterator[torch.Tensor]:
-    """L2-normalised embeddings batch by batch, in dataset order, from one DataLoader: its workers (or,
-    without workers, one thread) keep decoding the next batches while the model runs, however the
-    caller groups the results."""
+    """L2-normalised embeddings batch by batch, in dataset order, however the caller groups the
+    results. Loader workers (or, without workers, one thread) keep decoding the next batches while
+    the model runs; a model that declares `streams` > 1 (an ONNX export loaded for batch jobs) runs
+    that many batches side by side instead, each decoded and embedded by its own thread."""
     was_training = model.training
     model.eval()
-    # A private generator keeps the loader from drawing on the global RNG, which exact resume restores.
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", generator=torch.Generator())
     try:
+        streams = model_streams(model)
+        if streams > 1 and not num_workers:
+            yield from _side_by_side(model, dataset, stream_batch_size(batch_size, streams), device, tta,
+                                     normalize, pixels, streams)
+            return
+        # A private generator keeps the loader from drawing on the global RNG, which exact resume restores.
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            pin_memory=device.type == "cuda", generator=torch.Generator())
         batches = loader if num_workers else decoded_ahead(loader)
         for images, _labels, _index in batches:
             yield embed_batch(model, images, device, tta, normalize, pixels)
@@ -133,13 +142,60 @@ def iter_embeddings(model: torch.nn.Module, dataset: Dataset, batch_size: int, d
         model.train(was_training)
 
 
+def model_streams(model: torch.nn.Module) -> int:
+    """How many batches `model` runs side by side (an ONNX export loaded for batch jobs), else 1."""
+    return int(getattr(model, "streams", 1))
+
+
+def stream_batch_size(batch_size: int, streams: int) -> int:
+    """Each of `streams` batches side by side holds this share of `batch_size` photos: as much
+    memory as one batch in all, and a working set a core's caches hold better (2 cores, ONNX
+    Runtime, MobileNetV2 at 256 px: 2 x 32 photos side by side 224 img/s, one 64-photo batch on both
+    cores 217, 2 x 64 side by side 214)."""
+    return max(1, -(-batch_size // streams))
+
+
+def _side_by_side(model: torch.nn.Module, dataset: Dataset, batch_size: int, device: torch.device, tta: str,
+                  normalize: bool, pixels: PixelStats | None, streams: int) -> Iterator[torch.Tensor]:
+    """Embeddings of consecutive batches of at most `batch_size`, in order, each decoded and embedded
+    by one of `streams` threads. With one single-threaded model run a core, a thread that decodes
+    delays only its own batch: no core idles at a parallel layer's barrier meanwhile. The batches
+    are of near-equal sizes and a multiple of `streams` in number, so no stream idles at the end while
+    another finishes a full batch. Twice `streams` batches are queued at most (bounded memory, and a
+    thread done early starts the next at once); an error is raised in order; a consumer that stops
+    early cancels what has not started."""
+    # never more batches than photos: an empty batch would not collate
+    count = min(len(dataset), streams * -(-len(dataset) // (batch_size * streams)))
+    bounds = np.linspace(0, len(dataset), count + 1).round().astype(int)
+    ranges = iter(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+    def embed(rows: tuple[int, int]) -> torch.Tensor:
+        images, _labels, _index = default_collate([dataset[i] for i in range(*rows)])
+        return embed_batch(model, images, device, tta, normalize, pixels)
+
+    with ThreadPoolExecutor(streams, thread_name_prefix="embed-stream") as pool:
+        pending = deque(pool.submit(embed, rows) for rows in islice(ranges, 2 * streams))
+        try:
+            while pending:
+                batch = pending.popleft().result()
+                rows = next(ranges, None)
+                if rows is not None:
+                    pending.append(pool.submit(embed, rows))
+                yield batch
+        finally:
+            for future in pending:
+                future.cancel()
+
+
 def compute_embeddings(model: torch.nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
                        num_workers: int = 0, progress: bool = False, desc: str = "embedding",
                        tta: str = "none", normalize: bool = True, pixels: PixelStats | None = None) -> np.ndarray:
     """L2-normalised float32 embeddings (unless `normalize` is off), one row per dataset item, in dataset order."""
-    batches = iter_embeddings(model, dataset, batch_size, device, num_workers, tta, normalize, pixels)
-    chunks = list(tqdm(batches, desc=desc, total=-(-len(dataset) // batch_size),
-                       disable=None if progress else True, leave=False))
+    chunks = []
+    with tqdm(total=len(dataset), desc=desc, unit="img", disable=None if progress else True, leave=False) as bar:
+        for batch in iter_embeddings(model, dataset, batch_size, device, num_workers, tta, normalize, pixels):
+            chunks.append(batch)
+            bar.update(len(batch))
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)
     return torch.cat(chunks).numpy()

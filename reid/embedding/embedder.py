@@ -66,14 +66,18 @@ class Embedder:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, tta: str | None = None, batch_size: int | None = None,
-                        num_workers: int | None = None, device: torch.device | None = None) -> "Embedder":
+                        num_workers: int | None = None, device: torch.device | None = None,
+                        side_by_side: bool = False) -> "Embedder":
         """The model of a training checkpoint (best.pt or last.pt), built offline from its config, or of
         its ONNX export (`reid export`, a `.onnx` path), run by ONNX Runtime on the CPU whatever `device`.
 
-        `tta` None takes the TTA `reid calibrate` chose for the checkpoint (none when uncalibrated)."""
+        `tta` None takes the TTA `reid calibrate` chose for the checkpoint (none when uncalibrated).
+        `side_by_side` (batch jobs over many photos) runs an ONNX export one single-threaded batch a
+        core (`load_onnx`'s streams); off, one batch takes every core, as a lone photo in a service
+        needs. PyTorch models ignore it: torch's threads are one setting for the whole process."""
         if is_onnx(path):
             # the export's metadata is the checkpoint's record without the weights, but with their hash
-            model, state = load_onnx(path)
+            model, state = load_onnx(path, streams=torch.get_num_threads() if side_by_side else 1)
             return cls.from_record(model, state, state["weights_sha256"], tta, batch_size, num_workers,
                                    torch.device("cpu"))
         state = load_inference(path)

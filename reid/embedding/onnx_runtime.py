@@ -33,9 +33,12 @@ class OnnxModel(nn.Module):
     releases_gil = True
     input_memory_format = torch.contiguous_format  # NCHW, as ONNX Runtime takes it: no copy per view
 
-    def __init__(self, session, path: str | Path):
+    def __init__(self, session, path: str | Path, streams: int = 1):
         super().__init__()
         self.session, self.path = session, Path(path)
+        # batches a caller may run side by side, each on its share of the session's threads
+        # (reid.embedding.compute.iter_embeddings does; `load_onnx`'s `streams`)
+        self.streams = int(streams)
         self.embedding_dim = int(session.get_outputs()[0].shape[1])
         # a format-2 export normalises its uint8 input in the graph; format 1 takes normalised floats
         self.normalizes_input = session.get_inputs()[0].type == "tensor(uint8)"
@@ -68,17 +71,23 @@ def onnx_session(model: str | Path | bytes, threads: int | None = None):
     return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def load_onnx(path: str | Path, threads: int | None = None) -> tuple[OnnxModel, dict]:
+def load_onnx(path: str | Path, threads: int | None = None, streams: int = 1) -> tuple[OnnxModel, dict]:
     """The model of a wildreid ONNX file and its record (reid/export/onnx_format.py): what
-    `load_inference` gives for a checkpoint, with `weights_sha256` in place of the weights."""
+    `load_inference` gives for a checkpoint, with `weights_sha256` in place of the weights.
+
+    `streams` > 1 splits the `threads` between that many batches run side by side (batch jobs):
+    one batch's layers then never wait at a barrier for a core that another thread holds while it
+    decodes photos (scripts/bench_embed.py). One stream gives a lone photo every core (a service)."""
     path = Path(path)
+    threads = threads or torch.get_num_threads()
+    streams = max(1, min(int(streams), threads))
     export_hint = f"export the run's best.pt again with `reid export --checkpoint best.pt --format onnx --out {path}`"
     if path.is_dir():
         raise ReidError(f"'{path}' is a folder, not an ONNX model file; give the .onnx file `reid export` wrote")
     if not path.is_file():
         raise ReidError(f"ONNX model '{path}' not found")
     try:
-        session = onnx_session(path, threads)
+        session = onnx_session(path, threads // streams)
     except ReidError:
         raise
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for a damaged file
@@ -90,4 +99,4 @@ def load_onnx(path: str | Path, threads: int | None = None) -> tuple[OnnxModel, 
             or not isinstance(outputs[0].shape[1], int):
         raise ReidError(f"'{path}' does not map one '{INPUT_NAME}' batch to embeddings, as a wildreid export "
                         f"does; {export_hint}")
-    return OnnxModel(session, path), record
+    return OnnxModel(session, path, streams), record
