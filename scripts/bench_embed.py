@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -55,20 +56,16 @@ def bare_images_per_s(embedder: Embedder, n: int) -> float:
     normalizes = getattr(embedder.model, "normalizes_input", False)
     batch = torch.randint(0, 256, shape, dtype=torch.uint8) if normalizes else torch.randn(shape)
 
-    def forward(_: int = 0) -> None:
+    def forward(_: int) -> None:
         embed_batch(embedder.model, batch, embedder.device, embedder.tta)
 
     batches = -(-n // len(batch))
-    forward()  # warm-up
-    if streams == 1:  # in this thread, as the embedding runs it: another would start a second OpenMP team
+    # one stream runs in this thread, as the embedding runs it: another would start a second OpenMP team
+    with ThreadPoolExecutor(streams) if streams > 1 else nullcontext() as pool:
+        run = pool.map if pool else map
+        list(run(forward, range(streams)))  # warm-up of every stream
         started = time.perf_counter()
-        for _ in range(batches):
-            forward()
-        return batches * len(batch) / (time.perf_counter() - started)
-    with ThreadPoolExecutor(streams) as pool:
-        list(pool.map(forward, range(streams)))  # warm-up of every stream
-        started = time.perf_counter()
-        list(pool.map(forward, range(batches)))
+        list(run(forward, range(batches)))
         return batches * len(batch) / (time.perf_counter() - started)
 
 

@@ -134,14 +134,15 @@ def test_an_export_that_disagrees_with_pytorch_is_not_written(tmp_path, calibrat
 # ------------------------------------------------------------------------------------ side by side
 def test_streams_share_the_threads_and_embed_as_one_batch_on_every_core_does(calibrated, synth_csv):
     _, exported = calibrated
-    model, _ = load_onnx(exported, threads=4, streams=8)
+    model, record = load_onnx(exported, threads=4, streams=8)
     assert model.streams == 4  # never more streams than threads: each runs on at least one
     assert model.session.get_session_options().intra_op_num_threads == 1
+    # loader workers decode in place of the streams' threads: one batch then takes every core
+    assert Embedder.from_checkpoint(exported, num_workers=1, side_by_side=True).model.streams == 1
     paths = load_table(synth_csv)["path"].tolist()
     whole = Embedder.from_checkpoint(exported, batch_size=10)
     # 48 photos in batches of at most 5 a stream: ten batches of 4 or 5, nothing idles at the end
-    streamed = Embedder.from_record(model, load_onnx(exported)[1], whole.fingerprint, None, 10, 0,
-                                    torch.device("cpu"))
+    streamed = Embedder.from_record(model, record, whole.fingerprint, None, 10, 0, torch.device("cpu"))
     for subset in (paths, paths[:1], paths[:7], []):
         reference, side_by_side = whole.embed_paths(subset), streamed.embed_paths(subset)
         assert side_by_side.shape == reference.shape == (len(subset), whole.embedding_dim)

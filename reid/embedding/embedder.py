@@ -76,8 +76,10 @@ class Embedder:
         core (`load_onnx`'s streams); off, one batch takes every core, as a lone photo in a service
         needs. PyTorch models ignore it: torch's threads are one setting for the whole process."""
         if is_onnx(path):
-            # the export's metadata is the checkpoint's record without the weights, but with their hash
-            model, state = load_onnx(path, streams=torch.get_num_threads() if side_by_side else 1)
+            # the export's metadata is the checkpoint's record without the weights, but with their hash;
+            # loader workers decode instead of the streams' threads, so with them one batch takes every core
+            streams = torch.get_num_threads() if side_by_side and not num_workers else 1
+            model, state = load_onnx(path, streams=streams)
             return cls.from_record(model, state, state["weights_sha256"], tta, batch_size, num_workers,
                                    torch.device("cpu"))
         state = load_inference(path)
